@@ -1,0 +1,25 @@
+# CPU image of ihc-adapter.
+FROM python:3.11-slim-bookworm
+
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends dcmtk dicom3tools \
+ && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 1000 ihc
+WORKDIR /opt/ihc-adapter
+COPY pyproject.toml README.md ./
+COPY adapter ./adapter
+COPY pipeline ./pipeline
+COPY dicom_io ./dicom_io
+COPY config ./config
+# torch==2.13.0 is pinned in pyproject. To keep the image small, point pip at a
+# CPU-only torch wheel (PIP_EXTRA_INDEX_URL build arg) where your mirror has one.
+ARG PIP_EXTRA_INDEX_URL=
+RUN pip install --no-cache-dir . \
+ && ihc-adapter --help >/dev/null
+
+USER ihc
+VOLUME ["/data/spool", "/data/output", "/config"]
+EXPOSE 11112
+ENTRYPOINT ["ihc-adapter"]
+CMD ["--help"]

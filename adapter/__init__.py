@@ -1,0 +1,1 @@
+"""Ingest, queue, service and command line. Depends on pipeline, dicom_io and config."""

@@ -1,0 +1,176 @@
+"""The ``ihc-adapter`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from config.errors import IhcAdapterError
+
+log = logging.getLogger(__name__)
+
+
+def _format_info(d: dict[str, Any]) -> str:
+    lines = [
+        f"{d['path']}",
+        f"  format      {d['format']}",
+        f"  size        {d['width']} x {d['height']} px at {d['mpp']:.4f} µm/px "
+        f"({d['width'] * d['mpp'] / 1000:.2f} x {d['height'] * d['mpp'] / 1000:.2f} mm)",
+        "  levels",
+    ]
+    for lv in d["levels"]:
+        lines.append(
+            f"    [{lv['index']}] {lv['width']:>7} x {lv['height']:<7} {lv['mpp_x']:.4f} µm/px"
+            f"  tile {lv['tile_width']}x{lv['tile_height']}  {lv['compression']}"
+        )
+    meta = d["metadata"]
+    if meta:
+        lines.append("  identifiers")
+        for key, value in meta.items():
+            if value in (None, "", [], {}):
+                continue
+            lines.append(f"    {key:<24} {json.dumps(value, ensure_ascii=False)}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dicom_io import open_slide
+
+    source: Any = args.path[0] if len(args.path) == 1 else args.path
+    with open_slide(source, mpp=args.mpp) as slide:
+        described = slide.describe()
+    if args.json:
+        print(json.dumps(described, indent=2, ensure_ascii=False))
+    else:
+        print(_format_info(described))
+    return 0
+
+
+def _spec_from_args(args: argparse.Namespace) -> Any:
+    from pipeline.synth import SynthSpec
+
+    values: dict[str, Any] = {
+        "width": args.size[0],
+        "height": args.size[1],
+        "mpp": args.mpp,
+        "seed": args.seed,
+        "localisation": args.localisation,
+        "stain_jitter_deg": args.stain_jitter,
+        "dab_scale_jitter": args.dab_jitter,
+        "noise_sigma": args.noise,
+        "jpeg_quality": args.jpeg_quality,
+    }
+    if args.tumour_fraction is not None:
+        values["tumour_fraction"] = args.tumour_fraction
+    elif args.low_tumour:
+        values["tumour_fraction"] = 0.05
+    if args.tumour_classes:
+        values["tumour_classes"] = tuple(args.tumour_classes)
+    return SynthSpec(**values)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from adapter.synth import generate
+
+    spec = _spec_from_args(args)
+    out = generate(spec, Path(args.out), formats=args.formats.split(","), workers=args.workers)
+    t = out.truth
+    print(f"wrote synthetic slide {spec.width}x{spec.height} px at {spec.mpp} µm/px to {out.out_dir}")
+    for label, p in (("DICOM WSI", out.dicom_dir), ("OME-TIFF", out.ome_tiff), ("SVS", out.svs)):
+        if p:
+            print(f"  {label:<10} {p}")
+    tum = t["compartments"]["tumour"]
+    print(f"  truth      {out.truth_dir}")
+    print(
+        f"  expected   tumour fraction {t['tumour_fraction']:.3f}, tumour cells {tum['cells']}, "
+        f"tumour H-score {tum['h_score'] if tum['h_score'] is None else round(tum['h_score'], 1)}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from adapter.synth import generate
+    from dicom_io import open_slide
+    from pipeline.synth import SynthSpec
+
+    out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ihc-adapter-demo-"))
+    spec = SynthSpec(width=2048, height=2048, seed=7)
+    print(f"ihc-adapter demo: generating a {spec.width}x{spec.height} synthetic Ki-67-like slide in {out_dir}")
+    out = generate(spec, out_dir)
+    for path in (out.dicom_dir, out.ome_tiff, out.svs):
+        assert path is not None
+        with open_slide(path) as slide:
+            print()
+            print(_format_info(slide.describe()))
+    tum = out.truth["compartments"]["tumour"]
+    print()
+    print(
+        f"ground truth: tumour fraction {out.truth['tumour_fraction']:.3f}, "
+        f"{tum['cells']} tumour cells, tumour H-score {tum['h_score']:.1f}, "
+        f"{tum['positive_percent']:.1f}% positive"
+    )
+    print("scoring arrives with the pipeline (issue #3); results as DICOM with issue #4.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ihc-adapter", description="Hands-free IHC scoring for DICOM/OME slides.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="print a slide's format, levels and identifiers")
+    info.add_argument("path", nargs="+", help="slide file, DICOM folder, or DICOM instances of one series")
+    info.add_argument("--mpp", type=float, help="µm/px of the finest level, for files that lack it")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+
+    synth = sub.add_parser("synth", help="generate a synthetic IHC slide with ground truth")
+    synth.add_argument("out", help="output folder")
+    synth.add_argument("--size", type=int, nargs=2, metavar=("W", "H"), default=(2048, 2048))
+    synth.add_argument("--mpp", type=float, default=0.5)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--tumour-fraction", type=float, help="tumour area / tissue area (default 0.4)")
+    synth.add_argument("--low-tumour", action="store_true", help="tumour 5%% of tissue (below the 10%% alert)")
+    synth.add_argument("--localisation", choices=("nuclear", "cytoplasmic", "membranous"), default="nuclear")
+    synth.add_argument("--tumour-classes", type=float, nargs=4, metavar=("NEG", "1+", "2+", "3+"))
+    synth.add_argument("--stain-jitter", type=float, default=0.0, help="degrees of random stain-vector rotation")
+    synth.add_argument("--dab-jitter", type=float, default=0.0, help="random ± fraction of DAB strength")
+    synth.add_argument("--noise", type=float, default=2.0, help="sensor noise sigma (8-bit units)")
+    synth.add_argument("--jpeg-quality", type=int, default=90)
+    synth.add_argument("--formats", default="dicom,ome,svs", help="comma-separated: dicom,ome,svs")
+    synth.add_argument("--workers", type=int, help="render processes (default: up to 2)")
+    synth.set_defaults(func=cmd_synth)
+
+    demo = sub.add_parser("demo", help="generate a sample slide and show what the adapter reads from it")
+    demo.add_argument("--out", help="output folder (default: a new temporary folder)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except IhcAdapterError as exc:
+        print(f"ihc-adapter: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"ihc-adapter: error: invalid parameter: {problems}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""OME-TIFF, Aperio SVS and generic pyramidal TIFF, read through tifffile + zarr.
+
+Pixel size comes from, in this order: the caller (``mpp=``), OME-XML
+``PhysicalSizeX/Y`` (via ome-types, any length unit), the Aperio
+``MPP = ...`` description field, or the TIFF resolution tags when their unit
+is inch or centimetre. A file with none of them is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import zarr
+from ome_types import from_xml
+
+from config.errors import SlideReadError
+from pipeline.slide import Level, Slide
+
+log = logging.getLogger(__name__)
+
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+#: Factor from an OME length unit to micrometres.
+_UM_PER_UNIT = {
+    "pm": 1e-6,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "um": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
+
+
+def is_tiff_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return fh.read(4) in TIFF_MAGICS
+    except OSError:
+        return False
+
+
+def parse_aperio_description(description: str) -> dict[str, str]:
+    """``key = value`` fields of an Aperio ImageDescription (after the first ``|``)."""
+    fields: dict[str, str] = {}
+    for part in description.split("|")[1:]:
+        key, sep, value = part.partition("=")
+        if sep:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _ome_mpp(path: Path, xml: str) -> tuple[float, float] | None:
+    try:
+        ome = from_xml(xml, validate=False)
+    except Exception as exc:
+        raise SlideReadError(path, f"OME-XML cannot be parsed: {exc}") from exc
+    if not ome.images:
+        return None
+    pixels = ome.images[0].pixels
+    if pixels.physical_size_x is None or pixels.physical_size_y is None:
+        return None
+    ux = _UM_PER_UNIT.get(str(pixels.physical_size_x_unit.value), None)
+    uy = _UM_PER_UNIT.get(str(pixels.physical_size_y_unit.value), None)
+    if ux is None or uy is None:
+        raise SlideReadError(path, f"unsupported OME length unit {pixels.physical_size_x_unit.value!r}")
+    return float(pixels.physical_size_x) * ux, float(pixels.physical_size_y) * uy
+
+
+def _ome_metadata(path: Path, xml: str) -> dict[str, Any]:
+    ome = from_xml(xml, validate=False)
+    if not ome.images:
+        return {}
+    image = ome.images[0]
+    pixels = image.pixels
+    return {
+        "image_name": image.name,
+        "physical_size_x_um": _scaled(pixels.physical_size_x, pixels.physical_size_x_unit.value),
+        "physical_size_y_um": _scaled(pixels.physical_size_y, pixels.physical_size_y_unit.value),
+        "channels": [c.name for c in pixels.channels],
+        "acquisition_date": str(image.acquisition_date) if image.acquisition_date else None,
+    }
+
+
+def _scaled(value: float | None, unit: str) -> float | None:
+    if value is None or unit not in _UM_PER_UNIT:
+        return None
+    return float(value) * _UM_PER_UNIT[unit]
+
+
+def _resolution_mpp(page: tifffile.TiffPage) -> tuple[float, float] | None:
+    unit = page.tags.get("ResolutionUnit")
+    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+    if unit is None or xres is None or yres is None:
+        return None
+    um_per_unit = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+    if um_per_unit is None:
+        return None
+    (xn, xd), (yn, yd) = xres.value, yres.value
+    if not xn or not yn:
+        return None
+    mpp_x, mpp_y = um_per_unit * xd / xn, um_per_unit * yd / yn
+    # 72 or 96 dpi is the default every TIFF writer puts in; not a slide scan.
+    if mpp_x > 100:
+        return None
+    return mpp_x, mpp_y
+
+
+class TiffSlide(Slide):
+    """A pyramidal TIFF flavour: OME-TIFF, SVS or generic tiled TIFF."""
+
+    def __init__(self, path: Path, mpp: float | None = None):
+        try:
+            self._tif = tifffile.TiffFile(path)
+        except Exception as exc:
+            raise SlideReadError(path, f"corrupt or unsupported TIFF: {exc}") from exc
+        try:
+            super().__init__(path, *self._inspect(path, mpp))
+        except SlideReadError:
+            self._tif.close()
+            raise
+        except Exception as exc:
+            self._tif.close()
+            raise SlideReadError(path, f"corrupt TIFF structure: {exc}") from exc
+
+    def _inspect(self, path: Path, mpp: float | None) -> tuple[list[Level], dict[str, Any]]:
+        tif = self._tif
+        if not tif.series:
+            raise SlideReadError(path, "TIFF holds no readable image (file truncated or corrupt)")
+        series = tif.series[0]
+        self.format = "ome-tiff" if tif.is_ome else "svs" if tif.is_svs else "tiff"
+        metadata: dict[str, Any] = {}
+        file_mpp: tuple[float, float] | None
+        if tif.is_ome:
+            xml = tif.ome_metadata or ""
+            file_mpp = _ome_mpp(path, xml)
+            metadata = _ome_metadata(path, xml)
+        elif tif.is_svs:
+            fields = parse_aperio_description(tif.pages.first.description)
+            metadata = {
+                "aperio": {k: fields[k] for k in ("AppMag", "MPP", "ScanScope ID", "Date", "Filename") if k in fields}
+            }
+            file_mpp = (float(fields["MPP"]),) * 2 if "MPP" in fields else None  # type: ignore[assignment]
+            metadata["associated_images"] = [s.name for s in tif.series[1:] if s.name]
+        else:
+            file_mpp = _resolution_mpp(tif.pages.first)
+        if mpp is not None:
+            if file_mpp is not None and abs(file_mpp[0] - mpp) / mpp > 0.01:
+                log.warning("%s: using --mpp %.4f instead of %.4f from the file", path, mpp, file_mpp[0])
+            file_mpp = (mpp, mpp)
+        if file_mpp is None:
+            raise SlideReadError(path, "no pixel size (µm/px) in the file; give one with --mpp")
+        if not (file_mpp[0] > 0 and file_mpp[1] > 0):
+            raise SlideReadError(path, f"invalid pixel size {file_mpp} µm/px")
+
+        self._arrays: list[zarr.Array] = []
+        self._axes: list[str] = []
+        levels: list[Level] = []
+        base_w = base_h = 0
+        file_size = os.path.getsize(path)
+        for i, lvl in enumerate(series.levels):
+            axes = lvl.axes
+            shape = dict(zip(axes, lvl.shape, strict=True))
+            for ax, n in shape.items():
+                if ax not in "YXSC" and n != 1:
+                    raise SlideReadError(path, f"{n} planes along axis {ax!r}; only 2-D RGB slides are supported")
+            samples = shape.get("S", shape.get("C", 1))
+            if samples not in (3, 4):
+                raise SlideReadError(path, f"not a bright-field RGB image ({samples} channel(s))")
+            page = lvl.keyframe
+            _check_complete(path, lvl.pages, file_size)
+            width, height = shape["X"], shape["Y"]
+            base_w, base_h = base_w or width, base_h or height
+            store = lvl.aszarr()
+            self._arrays.append(zarr.open(store, mode="r"))
+            self._axes.append(axes)
+            levels.append(
+                Level(
+                    index=i,
+                    width=width,
+                    height=height,
+                    mpp_x=file_mpp[0] * base_w / width,
+                    mpp_y=file_mpp[1] * base_h / height,
+                    tile_width=int(page.tilewidth or width),
+                    tile_height=int(page.tilelength or page.rowsperstrip or height),
+                    compression=page.compression.name,
+                )
+            )
+        return levels, metadata
+
+    def _read_level_region(self, level: Level, x: int, y: int, width: int, height: int) -> np.ndarray:
+        arr, axes = self._arrays[level.index], self._axes[level.index]
+        index: list[slice | int] = []
+        for ax in axes:
+            if ax == "Y":
+                index.append(slice(y, y + height))
+            elif ax == "X":
+                index.append(slice(x, x + width))
+            elif ax in "SC":
+                index.append(slice(0, 3))
+            else:
+                index.append(0)
+        try:
+            data = np.asarray(arr[tuple(index)])
+        except Exception as exc:
+            raise SlideReadError(self.path, f"cannot decode level {level.index} at ({x}, {y}): {exc}") from exc
+        kept = [ax for ax in axes if ax in "YXSC"]
+        data = np.moveaxis(data, [kept.index("Y"), kept.index("X")], [0, 1])
+        if data.dtype != np.uint8:
+            raise SlideReadError(self.path, f"unsupported sample type {data.dtype}; expected 8-bit RGB")
+        return np.ascontiguousarray(data)
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def _check_complete(path: Path, pages: Any, file_size: int) -> None:
+    """Refuse a file cut short: every tile must lie inside the file."""
+    for page in pages:
+        if page is None:
+            continue
+        offsets = getattr(page, "dataoffsets", ())
+        counts = getattr(page, "databytecounts", ())
+        if offsets and counts:
+            end = max(o + c for o, c in zip(offsets, counts, strict=False))
+            if end > file_size:
+                raise SlideReadError(
+                    path,
+                    f"file is truncated: image data runs to byte {end} but the file has {file_size} bytes",
+                )

@@ -1,0 +1,180 @@
+"""DICOM VL Whole Slide Microscopy Image series, read through wsidicom.
+
+Headers are checked with pydicom first (``stop_before_pixels``) so a folder
+that holds a CT, or a mix of series, is refused with the reason instead of
+wsidicom's generic "no levels found".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from wsidicom import WsiDicom
+
+from config.errors import SlideReadError
+from pipeline.slide import Level, Slide
+
+log = logging.getLogger(__name__)
+
+#: VL Whole Slide Microscopy Image Storage.
+WSI_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.77.1.6")
+
+
+def is_dicom_file(path: Path) -> bool:
+    """True when ``path`` has the DICOM Part 10 preamble and ``DICM`` prefix."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _patient_value(value: Any) -> Any:
+    if value is None:
+        return None
+    return str(value)
+
+
+def _identifiers(ds: pydicom.Dataset) -> dict[str, Any]:
+    """Identifying metadata of a WSI instance; the patient module as it is."""
+    specimens = [
+        {
+            "identifier": str(item.get("SpecimenIdentifier", "")),
+            "uid": str(item.get("SpecimenUID", "")),
+        }
+        for item in ds.get("SpecimenDescriptionSequence", [])
+    ]
+    return {
+        "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+        "series_instance_uid": str(ds.get("SeriesInstanceUID", "")),
+        "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),
+        "container_identifier": str(ds.get("ContainerIdentifier", "")),
+        "specimens": specimens,
+        "accession_number": str(ds.get("AccessionNumber", "")),
+        "study_id": str(ds.get("StudyID", "")),
+        "manufacturer": str(ds.get("Manufacturer", "")),
+        "patient": {
+            "name": _patient_value(ds.get("PatientName")),
+            "id": _patient_value(ds.get("PatientID")),
+            "birth_date": _patient_value(ds.get("PatientBirthDate")),
+            "sex": _patient_value(ds.get("PatientSex")),
+        },
+    }
+
+
+def collect_dicom_files(source: Path | Iterable[Path]) -> list[Path]:
+    """The DICOM files in a folder (recursively) or a list of files."""
+    if isinstance(source, Path) and source.is_dir():
+        files = sorted(p for p in source.rglob("*") if p.is_file() and is_dicom_file(p))
+        if not files:
+            raise SlideReadError(source, "folder holds no DICOM files")
+        return files
+    if isinstance(source, Path):
+        return [source]
+    return [Path(p) for p in source]
+
+
+class DicomWsiSlide(Slide):
+    """A DICOM WSI series: one instance per level (TILED_FULL or TILED_SPARSE)."""
+
+    format = "dicom"
+
+    def __init__(self, source: Path | Iterable[Path], mpp: float | None = None):
+        files = collect_dicom_files(source)
+        name = source if isinstance(source, Path) else files[0]
+        volumes = self._check_headers(name, files)
+        first = volumes[0][1]
+        try:
+            self._wsi = WsiDicom.open([p for p, _ in volumes])
+        except Exception as exc:  # wsidicom raises many types on bad input
+            raise SlideReadError(name, f"cannot open DICOM WSI: {exc}") from exc
+        compression = {
+            (int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)): UID(
+                ds.file_meta.TransferSyntaxUID
+            ).name
+            for _, ds in volumes
+        }
+        levels: list[Level] = []
+        for wl in self._wsi.levels:
+            spacing = wl.pixel_spacing
+            if mpp is not None:
+                scale = wl.size.width / self._wsi.levels[0].size.width
+                mpp_x = mpp_y = mpp / scale
+            elif spacing is None:
+                raise SlideReadError(name, "no pixel spacing (µm/px) in the DICOM; give one with --mpp")
+            else:
+                mpp_x, mpp_y = float(spacing.width) * 1000.0, float(spacing.height) * 1000.0
+            levels.append(
+                Level(
+                    index=wl.level,
+                    width=wl.size.width,
+                    height=wl.size.height,
+                    mpp_x=mpp_x,
+                    mpp_y=mpp_y,
+                    tile_width=wl.tile_size.width,
+                    tile_height=wl.tile_size.height,
+                    compression=compression.get((wl.size.width, wl.size.height), "unknown"),
+                )
+            )
+        # wsidicom numbers levels by log2 of the downsample, not by position.
+        self._wsi_level = {(wl.size.width, wl.size.height): wl.level for wl in self._wsi.levels}
+        meta = _identifiers(first)
+        meta["dimension_organization"] = sorted(
+            {str(ds.get("DimensionOrganizationType", "")) for _, ds in volumes}
+        )
+        meta["files"] = len(files)
+        super().__init__(name, levels, meta)
+
+    @staticmethod
+    def _check_headers(name: Path, files: list[Path]) -> list[tuple[Path, pydicom.Dataset]]:
+        volumes: list[tuple[Path, pydicom.Dataset]] = []
+        others: list[str] = []
+        series: set[str] = set()
+        for path in files:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+                raise SlideReadError(path, f"not a readable DICOM file: {exc}") from exc
+            sop = UID(str(ds.get("SOPClassUID", "")))
+            if sop != WSI_SOP_CLASS:
+                modality = ds.get("Modality", "?")
+                others.append(f"{sop.name or sop or 'no SOP class'} (modality {modality})")
+                continue
+            series.add(str(ds.get("SeriesInstanceUID", "")))
+            image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+            if len(image_type) >= 3 and image_type[2] not in ("VOLUME",):
+                log.debug("skipping %s image %s", image_type[2], path)
+                continue
+            volumes.append((path, ds))
+        if not volumes:
+            found = "; ".join(sorted(set(others))) if others else "no pyramid (VOLUME) images"
+            raise SlideReadError(
+                name, f"not a VL Whole Slide Microscopy image: found {found}"
+            )
+        if len(series) > 1:
+            raise SlideReadError(
+                name, f"holds {len(series)} WSI series ({', '.join(sorted(series))}); give one series"
+            )
+        return volumes
+
+    def _read_level_region(self, level: Level, x: int, y: int, width: int, height: int) -> np.ndarray:
+        wsi_level = self._wsi_level[(level.width, level.height)]
+        try:
+            arr = self._wsi.read_region((x, y), wsi_level, (width, height), as_array=True)
+        except Exception as exc:
+            raise SlideReadError(self.path, f"cannot decode level {level.index} at ({x}, {y}): {exc}") from exc
+        arr = np.asarray(arr)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        return np.ascontiguousarray(arr[:, :, :3], dtype=np.uint8)
+
+    def close(self) -> None:
+        self._wsi.close()

@@ -1,0 +1,1 @@
+"""Image analysis and scoring. Depends only on :mod:`config` and the slide interface."""

@@ -1,0 +1,296 @@
+"""Ground-truth tissue model of a synthetic IHC slide.
+
+Everything is defined in micrometres, so the same seed gives the same tissue
+at any µm/px. Compartments come from smooth random fields thresholded so the
+tumour fraction of tissue is exactly what was asked (on the truth grid);
+cells are placed block by block (128 µm) with a generator seeded by the block
+index, so any tile can be rendered alone and every cell has one owner.
+
+Compartment labels: 0 background (glass), 1 tumour, 2 stroma, 3 fat.
+Intensity classes: 0 negative, 1 = 1+, 2 = 2+, 3 = 3+, defined by the mean
+DAB optical density painted in the cell's stained compartment, cut at
+:data:`CLASS_CUTS` (the QuPath-style 0.2 / 0.4 / 0.6 thresholds).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from scipy import ndimage
+
+BACKGROUND, TUMOUR, STROMA, FAT = 0, 1, 2, 3
+COMPARTMENT_NAMES = {BACKGROUND: "background", TUMOUR: "tumour", STROMA: "stroma", FAT: "fat"}
+#: Mean DAB OD bands painted for negative, 1+, 2+, 3+ cells.
+CLASS_DAB_BANDS = ((0.0, 0.1), (0.25, 0.35), (0.45, 0.55), (0.7, 0.9))
+#: Class boundaries on mean DAB OD (1+ from 0.2, 2+ from 0.4, 3+ from 0.6).
+CLASS_CUTS = (0.2, 0.4, 0.6)
+#: Side of a cell-placement block in µm.
+BLOCK_UM = 128.0
+#: Hexagonal spacing of cohesive tumour cells in µm.
+TUMOUR_SPACING_UM = 13.0
+
+Localisation = Literal["nuclear", "cytoplasmic", "membranous"]
+Proportions = tuple[float, float, float, float]
+
+
+class SynthSpec(BaseModel):
+    """Parameters of a synthetic bright-field H-DAB slide (all validated)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    width: int = Field(2048, ge=64, le=200_000, description="level-0 width in pixels")
+    height: int = Field(2048, ge=64, le=200_000, description="level-0 height in pixels")
+    mpp: float = Field(0.5, gt=0.05, le=4.0, description="level-0 µm/px")
+    seed: int = Field(0, ge=0)
+    tumour_fraction: float = Field(0.4, ge=0.0, le=0.95, description="tumour area / tissue area")
+    fat_fraction: float = Field(0.1, ge=0.0, le=0.6, description="fat area / non-tumour tissue area")
+    localisation: Localisation = "nuclear"
+    tumour_classes: Proportions = (0.35, 0.25, 0.25, 0.15)
+    stroma_classes: Proportions = (0.85, 0.1, 0.05, 0.0)
+    stain_jitter_deg: float = Field(0.0, ge=0.0, le=20.0, description="random rotation of stain vectors")
+    dab_scale_jitter: float = Field(0.0, ge=0.0, le=0.5, description="random ± scale of all DAB")
+    noise_sigma: float = Field(2.0, ge=0.0, le=20.0, description="sensor noise, 8-bit units")
+    background: float = Field(242.0, ge=150.0, le=255.0, description="glass brightness")
+    jpeg_quality: int = Field(90, ge=30, le=100)
+    tile_size: int = Field(512, ge=64, le=4096)
+
+    @field_validator("tumour_classes", "stroma_classes")
+    @classmethod
+    def _proportions(cls, v: Proportions) -> Proportions:
+        if any(p < 0 for p in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"class proportions {v} must be non-negative and sum to 1")
+        return v
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile_multiple(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"tile_size {v} must be a multiple of 16")
+        return v
+
+
+class _SmoothField:
+    """Gaussian-smoothed white noise on a coarse grid, sampled bilinearly (unit variance)."""
+
+    def __init__(self, rng: np.random.Generator, width_um: float, height_um: float, step_um: float, sigma: float):
+        nx, ny = math.ceil(width_um / step_um) + 4, math.ceil(height_um / step_um) + 4
+        g = ndimage.gaussian_filter(rng.standard_normal((ny, nx)), sigma, mode="wrap")
+        self.grid = ((g - g.mean()) / (g.std() + 1e-12)).astype(np.float32)
+        self.step = step_um
+
+    def sample(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        coords = np.stack([np.asarray(y_um) / self.step + 1.0, np.asarray(x_um) / self.step + 1.0])
+        return ndimage.map_coordinates(self.grid, coords, order=1, mode="nearest")
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    h = h ^ (h >> np.uint64(31))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(29))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(32))
+
+
+def value_noise(u: np.ndarray, v: np.ndarray, seed: int) -> np.ndarray:
+    """Seamless lattice value noise in [0, 1] at lattice coordinates ``(u, v)``.
+
+    Lattice values are a hash of the integer coordinates, so neighbouring
+    tiles agree exactly along their seams.
+    """
+    i0, i1 = int(np.floor(u.min())), int(np.floor(u.max())) + 1
+    j0, j1 = int(np.floor(v.min())), int(np.floor(v.max())) + 1
+    ii, jj = np.meshgrid(np.arange(i0, i1 + 1, dtype=np.int64), np.arange(j0, j1 + 1, dtype=np.int64))
+    with np.errstate(over="ignore"):
+        h = (ii.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
+            jj.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
+        ) ^ np.uint64((seed * 0x165667B19E3779F9) % (1 << 64))
+        lattice = (_mix64(h) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return ndimage.map_coordinates(lattice, np.stack([v - j0, u - i0]), order=1, mode="nearest")
+
+
+class SlideModel:
+    """The tissue of one synthetic slide: compartments and cells, in µm."""
+
+    def __init__(self, spec: SynthSpec):
+        self.spec = spec
+        self.width_um = spec.width * spec.mpp
+        self.height_um = spec.height * spec.mpp
+        rng = np.random.default_rng([spec.seed, 1])
+        big = max(self.width_um, self.height_um)
+        self._tissue = _SmoothField(rng, self.width_um, self.height_um, big / 96.0, 4.0)
+        self._tumour = _SmoothField(rng, self.width_um, self.height_um, 20.0, 5.0)
+        self._fat = _SmoothField(rng, self.width_um, self.height_um, 20.0, 3.0)
+        self._angle = _SmoothField(rng, self.width_um, self.height_um, 40.0, 3.0)
+        self.truth_step_px = self._truth_step(spec)
+        self.stain_matrix, self.dab_scale = self._staining(rng)
+        self._thr_tumour, self._thr_fat = self._calibrate()
+
+    # -- compartments ----------------------------------------------------
+    @staticmethod
+    def _truth_step(spec: SynthSpec) -> int:
+        step = 4
+        while max(spec.width, spec.height) / step > 4096:
+            step *= 2
+        return step
+
+    def _tissue_value(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        ex = (x_um - self.width_um / 2) / (0.46 * self.width_um)
+        ey = (y_um - self.height_um / 2) / (0.46 * self.height_um)
+        return 1.2 * (1.0 - ex * ex - ey * ey) + 0.35 * self._tissue.sample(x_um, y_um)
+
+    def truth_grid_um(self) -> tuple[np.ndarray, np.ndarray]:
+        """Centres (µm) of the truth-grid pixels, as a mesh."""
+        s = self.truth_step_px
+        nx, ny = math.ceil(self.spec.width / s), math.ceil(self.spec.height / s)
+        xs = (np.arange(nx) + 0.5) * s * self.spec.mpp
+        ys = (np.arange(ny) + 0.5) * s * self.spec.mpp
+        return np.meshgrid(xs, ys)
+
+    def _calibrate(self) -> tuple[float, float]:
+        xx, yy = self.truth_grid_um()
+        tissue = self._tissue_value(xx, yy) > 0
+        if not tissue.any():
+            return math.inf, math.inf
+        r, f = self.spec.tumour_fraction, self.spec.fat_fraction
+        # tumour / (tissue - fat) = r with fat = f * (tissue - tumour)
+        p = r * (1 - f) / (1 - r * f) if r < 1 else 1.0
+        tv = self._tumour.sample(xx[tissue], yy[tissue])
+        thr_t = float(np.quantile(tv, 1 - p)) if p > 0 else math.inf
+        non_tumour = tv <= thr_t
+        if not non_tumour.any() or f == 0:
+            return thr_t, math.inf
+        fv = self._fat.sample(xx[tissue][non_tumour], yy[tissue][non_tumour])
+        return thr_t, float(np.quantile(fv, 1 - f))
+
+    def labels_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Compartment label at each point."""
+        out = np.zeros(np.shape(x_um), np.uint8)
+        tissue = self._tissue_value(x_um, y_um) > 0
+        if not tissue.any():
+            return out
+        xt, yt = x_um[tissue], y_um[tissue]
+        lab = np.full(xt.shape, STROMA, np.uint8)
+        tum = self._tumour.sample(xt, yt) > self._thr_tumour
+        lab[tum] = TUMOUR
+        if math.isfinite(self._thr_fat):
+            rest = ~tum
+            fat = self._fat.sample(xt[rest], yt[rest]) > self._thr_fat
+            sub = lab[rest]
+            sub[fat] = FAT
+            lab[rest] = sub
+        out[tissue] = lab
+        return out
+
+    def truth_labels(self) -> np.ndarray:
+        """Compartment labels on the truth grid (``truth_step_px`` level-0 px per pixel)."""
+        xx, yy = self.truth_grid_um()
+        return self.labels_at(xx, yy)
+
+    def stroma_angle(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        return np.pi * self._angle.sample(x_um, y_um)
+
+    # -- staining ---------------------------------------------------------
+    def _staining(self, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        from pipeline.stains import StainMatrix, unit
+
+        base = StainMatrix()
+        vectors = []
+        for v in (base.hematoxylin, base.dab):
+            v = unit(v)
+            if self.spec.stain_jitter_deg > 0:
+                axis = unit(rng.standard_normal(3))
+                angle = math.radians(rng.uniform(-1, 1) * self.spec.stain_jitter_deg)
+                # Rodrigues rotation of the OD direction.
+                v = (
+                    v * math.cos(angle)
+                    + np.cross(axis, v) * math.sin(angle)
+                    + axis * float(axis @ v) * (1 - math.cos(angle))
+                )
+                v = unit(np.abs(v))
+            vectors.append(v)
+        scale = 1.0 + rng.uniform(-1, 1) * self.spec.dab_scale_jitter
+        return np.stack(vectors), float(scale)
+
+    # -- cells -------------------------------------------------------------
+    @lru_cache(maxsize=256)  # noqa: B019 - the model lives for one slide
+    def block_cells(self, bx: int, by: int) -> dict[str, np.ndarray]:
+        """The cells whose centres fall in block ``(bx, by)``."""
+        spec = self.spec
+        rng = np.random.default_rng([spec.seed, 2, bx, by])
+        x0, y0 = bx * BLOCK_UM, by * BLOCK_UM
+        # Tumour: jittered hexagonal lattice, kept where the centre is tumour.
+        s = TUMOUR_SPACING_UM
+        dy = s * math.sqrt(3) / 2
+        rows = np.arange(math.ceil(y0 / dy), math.ceil((y0 + BLOCK_UM) / dy))
+        tx: list[np.ndarray] = []
+        ty: list[np.ndarray] = []
+        for j in rows:
+            off = (j % 2) * s / 2
+            cols = np.arange(math.ceil((x0 - off) / s), math.ceil((x0 + BLOCK_UM - off) / s))
+            tx.append(cols * s + off)
+            ty.append(np.full(cols.shape, j * dy))
+        txa = np.concatenate(tx) if tx else np.empty(0)
+        tya = np.concatenate(ty) if ty else np.empty(0)
+        txa = txa + rng.uniform(-1.5, 1.5, txa.shape)
+        tya = tya + rng.uniform(-1.5, 1.5, tya.shape)
+        keep = (self.labels_at(txa, tya) == TUMOUR) & (rng.random(txa.shape) > 0.03)
+        txa, tya = txa[keep], tya[keep]
+        # Stroma: sparse dart throwing, away from tumour.
+        n_try = rng.poisson(BLOCK_UM * BLOCK_UM / 500.0)
+        cand = rng.uniform(0, BLOCK_UM, (n_try, 2)) + (x0, y0)
+        sx: list[float] = []
+        sy: list[float] = []
+        for cx, cy in cand:
+            if all((cx - px) ** 2 + (cy - py) ** 2 > 12.0**2 for px, py in zip(sx, sy, strict=True)):
+                sx.append(cx)
+                sy.append(cy)
+        sxa, sya = np.asarray(sx), np.asarray(sy)
+        if sxa.size:
+            ok = self.labels_at(sxa, sya) == STROMA
+            for ddx, ddy in ((9, 0), (-9, 0), (0, 9), (0, -9)):
+                ok &= self.labels_at(sxa + ddx, sya + ddy) != TUMOUR
+            sxa, sya = sxa[ok], sya[ok]
+        nt, ns = txa.size, sxa.size
+        a = np.concatenate([rng.uniform(3.6, 5.0, nt), rng.uniform(4.5, 7.0, ns)])
+        b = np.concatenate([a[:nt] * rng.uniform(0.75, 1.0, nt), rng.uniform(1.4, 2.2, ns)])
+        theta = np.concatenate(
+            [rng.uniform(0, np.pi, nt), self.stroma_angle(sxa, sya) + rng.normal(0, 0.2, ns)]
+        )
+        comp = np.concatenate([np.full(nt, TUMOUR, np.uint8), np.full(ns, STROMA, np.uint8)])
+        drawn = np.concatenate(
+            [
+                rng.choice(4, nt, p=np.asarray(spec.tumour_classes)),
+                rng.choice(4, ns, p=np.asarray(spec.stroma_classes)),
+            ]
+        ).astype(np.int64)
+        bands = np.asarray(CLASS_DAB_BANDS)
+        dab = rng.uniform(bands[drawn, 0], bands[drawn, 1]) * self.dab_scale
+        return {
+            "x_um": np.concatenate([txa, sxa]),
+            "y_um": np.concatenate([tya, sya]),
+            "a_um": a,
+            "b_um": b,
+            "theta": theta,
+            "h_od": np.concatenate([rng.uniform(0.45, 0.75, nt), rng.uniform(0.55, 0.85, ns)]),
+            "expand_um": np.concatenate([np.full(nt, 3.5), np.full(ns, 1.2)]),
+            "dab_od": dab,
+            "compartment": comp,
+            "intensity_class": np.digitize(dab, CLASS_CUTS).astype(np.uint8),
+        }
+
+    def cells_in(self, x0_um: float, y0_um: float, x1_um: float, y1_um: float) -> dict[str, np.ndarray]:
+        """All cells with centres in the rectangle, from every block it touches."""
+        parts = [
+            self.block_cells(bx, by)
+            for by in range(math.floor(y0_um / BLOCK_UM), math.floor(y1_um / BLOCK_UM) + 1)
+            for bx in range(math.floor(x0_um / BLOCK_UM), math.floor(x1_um / BLOCK_UM) + 1)
+        ]
+        cells = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        inside = (
+            (cells["x_um"] >= x0_um) & (cells["x_um"] < x1_um) & (cells["y_um"] >= y0_um) & (cells["y_um"] < y1_um)
+        )
+        return {k: v[inside] for k, v in cells.items()}

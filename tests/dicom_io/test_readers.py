@@ -1,0 +1,159 @@
+"""Readers on the real files in ../shared/data and on bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from config.errors import ConfigError, SlideReadError
+from dicom_io import open_slide
+from tests.conftest import shared_file
+
+
+def test_ki67_ome_tiff() -> None:
+    with open_slide(shared_file("OS-2-vsi.ome.tif")) as s:
+        assert s.format == "ome-tiff"
+        assert s.size == (1445, 1445)
+        assert s.mpp == pytest.approx(0.3461, abs=1e-4)
+        assert s.levels[0].compression == "JPEG"
+        assert s.metadata["physical_size_x_um"] == pytest.approx(0.3461, abs=1e-4)
+        region = s.read_region(0, 600, 600, 64, 64)
+        assert region.shape == (64, 64, 3) and region.dtype == np.uint8
+        # Real tissue, not a blank decode.
+        assert region.std() > 5
+
+
+def test_he_ome_tiff() -> None:
+    with open_slide(shared_file("OS-1-detail.ome.tif")) as s:
+        assert s.format == "ome-tiff"
+        assert s.size == (1101, 1101)
+
+
+def test_aperio_svs() -> None:
+    with open_slide(shared_file("cmu_small_region.svs")) as s:
+        assert s.format == "svs"
+        assert s.size == (2220, 2967)
+        assert s.mpp == pytest.approx(0.499)
+        assert s.levels[0].tile_width == 240
+        assert "Thumbnail" in s.metadata["associated_images"]
+        assert s.read_region(0, 1000, 1000, 32, 32).std() > 1
+
+
+def test_svs_without_mpp_is_refused_with_file_name() -> None:
+    path = shared_file("tcga-cr-7395-01a-01-ts1.svs")
+    with pytest.raises(SlideReadError, match=r"tcga-cr-7395.*no pixel size.*--mpp"):
+        open_slide(path)
+
+
+def test_svs_without_mpp_opens_with_caller_mpp_and_decodes_jpeg2000() -> None:
+    with open_slide(shared_file("tcga-cr-7395-01a-01-ts1.svs"), mpp=0.25) as s:
+        assert [(lv.width, lv.height) for lv in s.levels] == [(4443, 3567), (2221, 1783)]
+        assert s.levels[0].mpp == 0.25
+        assert s.levels[1].mpp_x == pytest.approx(0.25 * 4443 / 2221)
+        assert "JP2000" in s.levels[0].compression
+        assert s.read_region(1, 1000, 800, 64, 64).std() > 1
+
+
+def test_generic_pyramidal_tiff_levels() -> None:
+    with open_slide(shared_file("boxes.tiff"), mpp=1.0) as s:
+        assert s.format == "tiff"
+        assert [lv.width for lv in s.levels] == [300, 150, 75, 37]
+        assert s.levels[2].mpp_x == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("name", ["sm_image.dcm", "sm_image_jpegls.dcm"])
+def test_dicom_edge_wsi(name: str) -> None:
+    with open_slide(shared_file(f"dicom_edge/{name}")) as s:
+        assert s.format == "dicom"
+        assert s.size == (50, 50)
+        assert s.mpp == pytest.approx(0.499)
+        assert s.levels[0].tile_width == 10
+        assert s.metadata["container_identifier"] == "S19-1_A_1_1"
+        assert s.metadata["study_instance_uid"]
+
+
+def test_jpegls_decodes_same_pixels_as_uncompressed() -> None:
+    with open_slide(shared_file("dicom_edge/sm_image.dcm")) as a, open_slide(
+        shared_file("dicom_edge/sm_image_jpegls.dcm")
+    ) as b:
+        assert np.array_equal(a.read_region(0, 0, 0, 50, 50), b.read_region(0, 0, 0, 50, 50))
+
+
+def test_dicom_level_with_thumbnail_instance() -> None:
+    files = [shared_file("dicom_edge/boxes_0.dcm"), shared_file("dicom_edge/boxes_1.dcm")]
+    with open_slide(files) as s:
+        assert len(s.levels) == 1  # the THUMBNAIL instance is not a pyramid level
+        assert s.metadata["container_identifier"] == "SLIDE_1"
+        assert "JPEG Baseline" in s.levels[0].compression
+
+
+def test_folder_with_several_series_is_refused() -> None:
+    folder = shared_file("dicom_edge")
+    with pytest.raises(SlideReadError, match="WSI series"):
+        open_slide(folder)
+
+
+def test_corrupt_svs_is_refused() -> None:
+    with pytest.raises(SlideReadError, match=r"broken\.svs"):
+        open_slide(shared_file("bad/broken.svs"))
+
+
+def test_truncated_tiff_is_refused(tmp_path: Path) -> None:
+    src = shared_file("cmu_small_region.svs")
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(SlideReadError, match=r"cut\.svs: .*(truncated|corrupt)"):
+        open_slide(cut)
+
+
+def test_ct_image_is_refused_with_reason(tmp_path: Path) -> None:
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.SamplesPerPixel = 1
+    ds.PixelRepresentation = 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
+    path = tmp_path / "ct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(SlideReadError, match=r"ct\.dcm: not a VL Whole Slide Microscopy image: found CT Image Storage"):
+        open_slide(path)
+
+
+def test_missing_empty_and_foreign_files(tmp_path: Path) -> None:
+    with pytest.raises(SlideReadError, match="no such file"):
+        open_slide(tmp_path / "nope.svs")
+    empty = tmp_path / "empty.tif"
+    empty.touch()
+    with pytest.raises(SlideReadError, match=r"empty\.tif: file is empty"):
+        open_slide(empty)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(SlideReadError, match="not a DICOM or TIFF file"):
+        open_slide(text)
+    with pytest.raises(ConfigError, match="mpp=-1"):
+        open_slide(text, mpp=-1)
+
+
+def test_truncated_dicom_is_refused(tmp_path: Path) -> None:
+    src = shared_file("dicom_edge/sm_image.dcm")
+    cut = tmp_path / "cut.dcm"
+    shutil.copy(src, cut)
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(SlideReadError, match=r"cut\.dcm"):
+        with open_slide(cut) as s:
+            s.read_region(0, 0, 0, 50, 50)
