@@ -79,7 +79,9 @@ class _InlineExecutor:
         return None
 
 
-def _bands(spec: SynthSpec, executor: Executor | _InlineExecutor) -> Iterator[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
+def _bands(
+    spec: SynthSpec, executor: Executor | _InlineExecutor
+) -> Iterator[tuple[np.ndarray, list[dict[str, np.ndarray]]]]:
     t = spec.tile_size
     for y in range(0, spec.height, t):
         h = min(t, spec.height - y)
@@ -149,9 +151,9 @@ def generate(
     try:
         builder = PyramidBuilder(spec.width, spec.height, spec.mpp, tmp, spec.tile_size, spec.jpeg_quality)
         cell_parts: list[dict[str, np.ndarray]] = []
-        for i, (band, cells) in enumerate(_bands(spec, executor)):
+        for i, (band, band_cells) in enumerate(_bands(spec, executor)):
             builder.add_band(band)
-            cell_parts.extend(cells)
+            cell_parts.extend(band_cells)
             log.debug("band %d/%d", i + 1, math.ceil(spec.height / spec.tile_size))
         levels = builder.finish()
         dicom_dir = ome = svs = None
@@ -175,7 +177,7 @@ def generate(
         "intensity_class": cells["intensity_class"],
         "dab_od": cells["dab_od"].astype(np.float32),
     }
-    np.savez_compressed(truth_dir / "cells.npz", **table)
+    np.savez_compressed(truth_dir / "cells.npz", **table)  # type: ignore[arg-type]
     labels = model.truth_labels()
     Image.fromarray(labels).save(truth_dir / "compartments.png")
     truth = {

@@ -12,7 +12,6 @@ so the three formats carry identical pixels.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,12 +182,3 @@ class PyramidBuilder:
             if w.rows_done != w.level.height:
                 raise RuntimeError(f"pyramid level {w.level.width}x{w.level.height} incomplete")
         return [w.level for w in self._writers]
-
-
-def remove_pyramid(levels: list[EncodedLevel]) -> None:
-    """Delete the temporary tile files."""
-    for lv in levels:
-        try:
-            os.unlink(lv.path)
-        except FileNotFoundError:
-            pass

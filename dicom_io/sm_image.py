@@ -23,12 +23,12 @@ from wsidicom import WsiDicom
 from wsidicom.codec import Encoder, LossyCompressionIsoStandard
 from wsidicom.geometry import Point, Size, SizeMm
 from wsidicom.instance import WsiDataset, WsiInstance
-from wsidicom.metadata import ImageType
 from wsidicom.instance.image_data import ImageData
 from wsidicom.metadata import (
     Equipment,
     Image,
     ImageCoordinateSystem,
+    ImageType,
     Label,
     LossyCompression,
     OpticalPath,
@@ -131,9 +131,7 @@ class SlideIdentity:
                 image=Image(
                     acquisition_datetime=self.acquisition_datetime,
                     pixel_spacing=spacing,
-                    image_coordinate_system=ImageCoordinateSystem(
-                        origin=_origin(), rotation=0.0
-                    ),
+                    image_coordinate_system=ImageCoordinateSystem(origin=_origin(), rotation=0.0),
                 ),
                 optical_paths=[OpticalPath(identifier="0", description="Bright-field")],
                 uid=generate_uid(),

@@ -65,8 +65,8 @@ def _ome_mpp(path: Path, xml: str) -> tuple[float, float] | None:
     pixels = ome.images[0].pixels
     if pixels.physical_size_x is None or pixels.physical_size_y is None:
         return None
-    ux = _UM_PER_UNIT.get(str(pixels.physical_size_x_unit.value), None)
-    uy = _UM_PER_UNIT.get(str(pixels.physical_size_y_unit.value), None)
+    ux = _UM_PER_UNIT.get(str(pixels.physical_size_x_unit.value))
+    uy = _UM_PER_UNIT.get(str(pixels.physical_size_y_unit.value))
     if ux is None or uy is None:
         raise SlideReadError(path, f"unsupported OME length unit {pixels.physical_size_x_unit.value!r}")
     return float(pixels.physical_size_x) * ux, float(pixels.physical_size_y) * uy
@@ -176,8 +176,11 @@ class TiffSlide(Slide):
             _check_complete(path, lvl.pages, file_size)
             width, height = shape["X"], shape["Y"]
             base_w, base_h = base_w or width, base_h or height
-            store = lvl.aszarr()
-            self._arrays.append(zarr.open(store, mode="r"))
+            store = series.aszarr(level=i)
+            array = zarr.open(store, mode="r")
+            if not isinstance(array, zarr.Array):
+                raise SlideReadError(path, f"level {i} is not a single image array")
+            self._arrays.append(array)
             self._axes.append(axes)
             levels.append(
                 Level(
@@ -188,7 +191,7 @@ class TiffSlide(Slide):
                     mpp_y=file_mpp[1] * base_h / height,
                     tile_width=int(page.tilewidth or width),
                     tile_height=int(page.tilelength or page.rowsperstrip or height),
-                    compression=page.compression.name,
+                    compression=tifffile.COMPRESSION(page.compression).name,
                 )
             )
         return levels, metadata

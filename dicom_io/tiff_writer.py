@@ -99,7 +99,9 @@ def write_svs(levels: Sequence[EncodedLevel], path: Path, app_mag: int = 20) -> 
                 f"({lv.tile_size}x{lv.tile_size}) JPEG/RGB Q=90"
             )
             if i == 0:
-                desc = f"{head}|AppMag = {app_mag}|MPP = {base.mpp:.4f}|ScanScope ID = ihc-adapter|Filename = {path.stem}"
+                desc = (
+                    f"{head}|AppMag = {app_mag}|MPP = {base.mpp:.4f}|ScanScope ID = ihc-adapter|Filename = {path.stem}"
+                )
             else:
                 desc = f"{head}|AppMag = {app_mag}|MPP = {base.mpp:.4f}"
             _write_level(tw, lv, description=desc, metadata=None)  # Aperio levels are not "reduced"

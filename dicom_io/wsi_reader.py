@@ -97,9 +97,7 @@ class DicomWsiSlide(Slide):
         except Exception as exc:  # wsidicom raises many types on bad input
             raise SlideReadError(name, f"cannot open DICOM WSI: {exc}") from exc
         compression = {
-            (int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)): UID(
-                ds.file_meta.TransferSyntaxUID
-            ).name
+            (int(ds.TotalPixelMatrixColumns), int(ds.TotalPixelMatrixRows)): UID(ds.file_meta.TransferSyntaxUID).name
             for _, ds in volumes
         }
         levels: list[Level] = []
@@ -127,9 +125,7 @@ class DicomWsiSlide(Slide):
         # wsidicom numbers levels by log2 of the downsample, not by position.
         self._wsi_level = {(wl.size.width, wl.size.height): wl.level for wl in self._wsi.levels}
         meta = _identifiers(first)
-        meta["dimension_organization"] = sorted(
-            {str(ds.get("DimensionOrganizationType", "")) for _, ds in volumes}
-        )
+        meta["dimension_organization"] = sorted({str(ds.get("DimensionOrganizationType", "")) for _, ds in volumes})
         meta["files"] = len(files)
         super().__init__(name, levels, meta)
 
@@ -156,13 +152,9 @@ class DicomWsiSlide(Slide):
             volumes.append((path, ds))
         if not volumes:
             found = "; ".join(sorted(set(others))) if others else "no pyramid (VOLUME) images"
-            raise SlideReadError(
-                name, f"not a VL Whole Slide Microscopy image: found {found}"
-            )
+            raise SlideReadError(name, f"not a VL Whole Slide Microscopy image: found {found}")
         if len(series) > 1:
-            raise SlideReadError(
-                name, f"holds {len(series)} WSI series ({', '.join(sorted(series))}); give one series"
-            )
+            raise SlideReadError(name, f"holds {len(series)} WSI series ({', '.join(sorted(series))}); give one series")
         return volumes
 
     def _read_level_region(self, level: Level, x: int, y: int, width: int, height: int) -> np.ndarray:

@@ -201,12 +201,7 @@ class Slide(ABC):
         ix0, iy0 = math.floor(fx0), math.floor(fy0)
         ix1, iy1 = math.ceil(fx1), math.ceil(fy1)
         src = self.read_region(index, ix0, iy0, ix1 - ix0, iy1 - iy0)
-        exact = (
-            ix1 - ix0 == width
-            and iy1 - iy0 == height
-            and fx0 == ix0
-            and fy0 == iy0
-        )
+        exact = ix1 - ix0 == width and iy1 - iy0 == height and fx0 == ix0 and fy0 == iy0
         if exact:
             return src, index
         box = (fx0 - ix0, fy0 - iy0, fx1 - ix0, fy1 - iy0)

@@ -105,9 +105,11 @@ def value_noise(u: np.ndarray, v: np.ndarray, seed: int) -> np.ndarray:
     j0, j1 = int(np.floor(v.min())), int(np.floor(v.max())) + 1
     ii, jj = np.meshgrid(np.arange(i0, i1 + 1, dtype=np.int64), np.arange(j0, j1 + 1, dtype=np.int64))
     with np.errstate(over="ignore"):
-        h = (ii.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ (
-            jj.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F)
-        ) ^ np.uint64((seed * 0x165667B19E3779F9) % (1 << 64))
+        h = (
+            (ii.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+            ^ (jj.astype(np.uint64) * np.uint64(0xC2B2AE3D27D4EB4F))
+            ^ np.uint64((seed * 0x165667B19E3779F9) % (1 << 64))
+        )
         lattice = (_mix64(h) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return ndimage.map_coordinates(lattice, np.stack([v - j0, u - i0]), order=1, mode="nearest")
 
@@ -199,8 +201,8 @@ class SlideModel:
 
         base = StainMatrix()
         vectors = []
-        for v in (base.hematoxylin, base.dab):
-            v = unit(v)
+        for stain in (base.hematoxylin, base.dab):
+            v = unit(stain)
             if self.spec.stain_jitter_deg > 0:
                 axis = unit(rng.standard_normal(3))
                 angle = math.radians(rng.uniform(-1, 1) * self.spec.stain_jitter_deg)
@@ -220,7 +222,8 @@ class SlideModel:
     def block_cells(self, bx: int, by: int) -> dict[str, np.ndarray]:
         """The cells whose centres fall in block ``(bx, by)``."""
         spec = self.spec
-        rng = np.random.default_rng([spec.seed, 2, bx, by])
+        # SeedSequence wants non-negative entries; margin blocks can be at -1.
+        rng = np.random.default_rng([spec.seed, 2, bx + (1 << 20), by + (1 << 20)])
         x0, y0 = bx * BLOCK_UM, by * BLOCK_UM
         # Tumour: jittered hexagonal lattice, kept where the centre is tumour.
         s = TUMOUR_SPACING_UM
@@ -241,7 +244,7 @@ class SlideModel:
         txa, tya = txa[keep], tya[keep]
         # Stroma: sparse dart throwing, away from tumour.
         n_try = rng.poisson(BLOCK_UM * BLOCK_UM / 500.0)
-        cand = rng.uniform(0, BLOCK_UM, (n_try, 2)) + (x0, y0)
+        cand = rng.uniform(0, BLOCK_UM, (n_try, 2)) + np.array([x0, y0])
         sx: list[float] = []
         sy: list[float] = []
         for cx, cy in cand:
@@ -257,9 +260,7 @@ class SlideModel:
         nt, ns = txa.size, sxa.size
         a = np.concatenate([rng.uniform(3.6, 5.0, nt), rng.uniform(4.5, 7.0, ns)])
         b = np.concatenate([a[:nt] * rng.uniform(0.75, 1.0, nt), rng.uniform(1.4, 2.2, ns)])
-        theta = np.concatenate(
-            [rng.uniform(0, np.pi, nt), self.stroma_angle(sxa, sya) + rng.normal(0, 0.2, ns)]
-        )
+        theta = np.concatenate([rng.uniform(0, np.pi, nt), self.stroma_angle(sxa, sya) + rng.normal(0, 0.2, ns)])
         comp = np.concatenate([np.full(nt, TUMOUR, np.uint8), np.full(ns, STROMA, np.uint8)])
         drawn = np.concatenate(
             [
@@ -290,7 +291,5 @@ class SlideModel:
             for bx in range(math.floor(x0_um / BLOCK_UM), math.floor(x1_um / BLOCK_UM) + 1)
         ]
         cells = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        inside = (
-            (cells["x_um"] >= x0_um) & (cells["x_um"] < x1_um) & (cells["y_um"] >= y0_um) & (cells["y_um"] < y1_um)
-        )
+        inside = (cells["x_um"] >= x0_um) & (cells["x_um"] < x1_um) & (cells["y_um"] >= y0_um) & (cells["y_um"] < y1_um)
         return {k: v[inside] for k, v in cells.items()}

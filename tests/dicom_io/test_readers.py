@@ -79,9 +79,10 @@ def test_dicom_edge_wsi(name: str) -> None:
 
 
 def test_jpegls_decodes_same_pixels_as_uncompressed() -> None:
-    with open_slide(shared_file("dicom_edge/sm_image.dcm")) as a, open_slide(
-        shared_file("dicom_edge/sm_image_jpegls.dcm")
-    ) as b:
+    with (
+        open_slide(shared_file("dicom_edge/sm_image.dcm")) as a,
+        open_slide(shared_file("dicom_edge/sm_image_jpegls.dcm")) as b,
+    ):
         assert np.array_equal(a.read_region(0, 0, 0, 50, 50), b.read_region(0, 0, 0, 50, 50))
 
 
@@ -154,6 +155,5 @@ def test_truncated_dicom_is_refused(tmp_path: Path) -> None:
     cut = tmp_path / "cut.dcm"
     shutil.copy(src, cut)
     cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
-    with pytest.raises(SlideReadError, match=r"cut\.dcm"):
-        with open_slide(cut) as s:
-            s.read_region(0, 0, 0, 50, 50)
+    with pytest.raises(SlideReadError, match=r"cut\.dcm"), open_slide(cut) as s:
+        s.read_region(0, 0, 0, 50, 50)

@@ -1,0 +1,74 @@
+"""The command line: info, synth, demo and clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adapter.cli import main
+from adapter.synth import SynthOutput
+from tests.conftest import shared_file
+
+
+def test_info_json_on_real_ki67(capsys: pytest.CaptureFixture[str]) -> None:
+    path = shared_file("OS-2-vsi.ome.tif")
+    assert main(["info", str(path), "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["format"] == "ome-tiff"
+    assert d["levels"][0]["width"] == 1445
+    assert d["mpp"] == pytest.approx(0.3461, abs=1e-4)
+
+
+def test_info_text_lists_levels_and_identifiers(small_slide: SynthOutput, capsys: pytest.CaptureFixture[str]) -> None:
+    assert small_slide.dicom_dir
+    assert main(["info", str(small_slide.dicom_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "format      dicom" in out
+    assert "1000 x 760" in out and "0.5000 µm/px" in out and "JPEG Baseline" in out
+    assert "study_instance_uid" in out and "SYNTH-11" in out
+
+
+def test_info_needs_mpp_then_accepts_it(capsys: pytest.CaptureFixture[str]) -> None:
+    path = shared_file("boxes.tiff")
+    assert main(["info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ihc-adapter: error: ") and "boxes.tiff" in err and "--mpp" in err
+    assert "Traceback" not in err
+    assert main(["info", str(path), "--mpp", "0.5"]) == 0
+
+
+def test_info_on_broken_file_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(shared_file("bad/broken.svs"))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.svs" in err
+
+
+def test_synth_cli_and_bad_parameter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(
+        ["synth", str(tmp_path / "s"), "--size", "300", "200", "--formats", "ome", "--workers", "1", "--low-tumour"]
+    )
+    assert rc == 0
+    truth = json.loads((tmp_path / "s" / "truth" / "truth.json").read_text())
+    assert truth["spec"]["tumour_fraction"] == 0.05
+    assert (tmp_path / "s" / "synthetic-0.ome.tif").exists()
+    assert not (tmp_path / "s" / "dicom").exists()
+    assert main(["synth", str(tmp_path / "t"), "--jpeg-quality", "500"]) == 2
+    assert "jpeg_quality" in capsys.readouterr().err
+    assert main(["synth", str(tmp_path / "t"), "--formats", "png"]) == 2
+    assert "formats" in capsys.readouterr().err
+
+
+def test_console_script_demo_runs(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "adapter.cli", "demo", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("size        2048 x 2048") == 3  # DICOM, OME-TIFF and SVS read back
+    assert "ground truth: tumour fraction" in run.stdout

@@ -1,0 +1,118 @@
+"""The synthetic slide generator: determinism, seams, calibration, staining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from adapter.synth import SynthOutput, expected_scores
+from pipeline.stains import StainMatrix
+from pipeline.synth import STROMA, TUMOUR, SlideModel, SynthSpec, render_tile
+from pipeline.synth.model import value_noise
+
+
+def test_same_seed_same_pixels_other_seed_differs() -> None:
+    spec = SynthSpec(width=512, height=512, seed=5)
+    a = render_tile(SlideModel(spec), 0, 0, 256, 256).pixels
+    b = render_tile(SlideModel(spec), 0, 0, 256, 256).pixels
+    c = render_tile(SlideModel(spec.model_copy(update={"seed": 6})), 0, 0, 256, 256).pixels
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_tiles_are_seamless() -> None:
+    """Two half tiles side by side equal one whole tile (noise off)."""
+    model = SlideModel(SynthSpec(width=1024, height=1024, seed=2, noise_sigma=0))
+    whole = render_tile(model, 300, 300, 256, 128)
+    left = render_tile(model, 300, 300, 128, 128)
+    right = render_tile(model, 428, 300, 128, 128)
+    joined = np.concatenate([left.pixels, right.pixels], axis=1)
+    assert np.abs(joined.astype(int) - whole.pixels).max() <= 1
+    assert len(left.cells["x_um"]) + len(right.cells["x_um"]) == len(whole.cells["x_um"])
+
+
+def test_value_noise_is_continuous_and_bounded() -> None:
+    u = np.linspace(-3, 3, 601)
+    v = np.zeros_like(u)
+    n = value_noise(u, v, seed=1)
+    assert n.min() >= 0 and n.max() <= 1
+    assert np.abs(np.diff(n)).max() < 0.05
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.4, 0.7])
+def test_tumour_fraction_is_calibrated(fraction: float) -> None:
+    spec = SynthSpec(width=4096, height=4096, seed=1, tumour_fraction=fraction)
+    labels = SlideModel(spec).truth_labels()
+    counts = np.bincount(labels.ravel(), minlength=4)
+    measured = counts[TUMOUR] / (counts[TUMOUR] + counts[STROMA])
+    assert measured == pytest.approx(fraction, abs=0.01)
+    assert counts[3] / (counts[STROMA] + counts[3]) == pytest.approx(spec.fat_fraction, abs=0.01)
+
+
+def test_painted_dab_follows_intensity_class() -> None:
+    """Deconvolving pixels at nuclear centroids recovers the class order."""
+    spec = SynthSpec(width=1024, height=1024, seed=4, tumour_fraction=0.8, noise_sigma=0)
+    tile = render_tile(SlideModel(spec), 256, 256, 512, 512)
+    inv = np.linalg.inv(StainMatrix().matrix())
+    od = -np.log10(np.maximum(tile.pixels.astype(float), 1) / spec.background)
+    dab = (od @ inv)[..., 1]
+    col = (tile.cells["x_um"] / spec.mpp).astype(int) - 256
+    row = (tile.cells["y_um"] / spec.mpp).astype(int) - 256
+    cls = tile.cells["intensity_class"]
+    means = [dab[row[cls == k], col[cls == k]].mean() for k in range(4)]
+    assert all(np.diff(means) > 0.1), means
+    assert means[0] < 0.15 and means[3] > 0.55
+
+
+def test_membranous_stain_is_on_the_membrane() -> None:
+    spec = SynthSpec(width=1024, height=1024, seed=4, tumour_fraction=0.8, localisation="membranous", noise_sigma=0)
+    tile = render_tile(SlideModel(spec), 256, 256, 512, 512)
+    inv = np.linalg.inv(StainMatrix().matrix())
+    dab = (-np.log10(np.maximum(tile.pixels.astype(float), 1) / spec.background) @ inv)[..., 1]
+    strong = tile.cells["intensity_class"] == 3
+    col = (tile.cells["x_um"][strong] / spec.mpp).astype(int) - 256
+    row = (tile.cells["y_um"][strong] / spec.mpp).astype(int) - 256
+    ok = (col > 20) & (col < 490) & (row > 20) & (row < 490)
+    centre = dab[row[ok], col[ok]].mean()
+    # A ring 6-7.5 µm (12-15 px) from the centre crosses the membrane.
+    ring = np.mean([dab[row[ok] + dy, col[ok] + dx].max() for dy, dx in ((0, 14), (0, -14), (14, 0), (-14, 0))])
+    assert centre < 0.1 < 0.4 < ring
+
+
+def test_expected_scores_by_hand() -> None:
+    spec = SynthSpec(width=64, height=64)
+    cells = {
+        "compartment": np.array([TUMOUR] * 4 + [STROMA] * 2, np.uint8),
+        "intensity_class": np.array([0, 1, 2, 3, 0, 3], np.uint8),
+    }
+    labels = np.array([[1, 1, 2, 0], [2, 2, 3, 0]], np.uint8)
+    got = expected_scores(cells, labels, spec, step_px=4)
+    tumour = got["compartments"]["tumour"]
+    assert tumour["h_score"] == pytest.approx(100 * (1 * 1 + 2 * 1 + 3 * 1) / 4)  # one cell of each class
+    assert tumour["positive_percent"] == pytest.approx(75.0)
+    assert got["compartments"]["stroma"]["h_score"] == pytest.approx(150.0)
+    assert got["compartments"]["tissue"]["cells"] == 6
+    assert got["tumour_fraction"] == pytest.approx(2 / 5)
+    assert tumour["area_mm2"] == pytest.approx(2 * (4 * 0.5 / 1000) ** 2)
+
+
+def test_spec_validation_names_the_parameter() -> None:
+    with pytest.raises(ValidationError, match="tumour_classes"):
+        SynthSpec(tumour_classes=(0.5, 0.5, 0.5, 0.0))
+    with pytest.raises(ValidationError, match="tile_size"):
+        SynthSpec(tile_size=100)
+    with pytest.raises(ValidationError, match="extra"):
+        SynthSpec(colour="red")  # type: ignore[call-arg]
+
+
+def test_generated_truth_is_consistent(small_slide: SynthOutput) -> None:
+    truth = small_slide.truth
+    cells = np.load(small_slide.truth_dir / "cells.npz")
+    tumour = cells["compartment"] == TUMOUR
+    assert truth["compartments"]["tumour"]["cells"] == int(tumour.sum()) > 100
+    assert truth["compartments"]["tissue"]["cells"] == len(cells["x_px"])
+    assert (cells["x_px"] >= 0).all() and (cells["x_px"] < 1000).all()
+    assert (cells["y_px"] >= 0).all() and (cells["y_px"] < 760).all()
+    assert 0.2 < truth["tumour_fraction"] < 0.6
+    assert (small_slide.truth_dir / "compartments.png").exists()
