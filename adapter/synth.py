@@ -43,9 +43,9 @@ FORMATS = ("dicom", "ome", "svs")
 _worker_model: SlideModel | None = None
 
 
-def _init_worker(spec: SynthSpec) -> None:
+def _init_worker(spec: SynthSpec, thresholds: tuple[float, float]) -> None:
     global _worker_model  # one model per worker process, built once
-    _worker_model = SlideModel(spec)
+    _worker_model = SlideModel(spec, thresholds)
 
 
 def _render(args: tuple[int, int, int, int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -69,8 +69,8 @@ class SynthOutput:
 class _InlineExecutor:
     """Runs the render function in this process (workers=1, and tests)."""
 
-    def __init__(self, spec: SynthSpec):
-        _init_worker(spec)
+    def __init__(self, spec: SynthSpec, thresholds: tuple[float, float]):
+        _init_worker(spec, thresholds)
 
     def map(self, fn: Any, items: Sequence[Any]) -> Iterator[Any]:
         return map(fn, items)
@@ -145,9 +145,9 @@ def generate(
     tmp = Path(tempfile.mkdtemp(prefix=".pyramid-", dir=out_dir))
     executor: Executor | _InlineExecutor
     if workers > 1:
-        executor = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(spec,))
+        executor = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(spec, model.thresholds))
     else:
-        executor = _InlineExecutor(spec)
+        executor = _InlineExecutor(spec, model.thresholds)
     try:
         builder = PyramidBuilder(spec.width, spec.height, spec.mpp, tmp, spec.tile_size, spec.jpeg_quality)
         cell_parts: list[dict[str, np.ndarray]] = []

@@ -15,6 +15,7 @@ DAB optical density painted in the cell's stained compartment, cut at
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from functools import lru_cache
 from typing import Literal
 
@@ -117,7 +118,9 @@ def value_noise(u: np.ndarray, v: np.ndarray, seed: int) -> np.ndarray:
 class SlideModel:
     """The tissue of one synthetic slide: compartments and cells, in µm."""
 
-    def __init__(self, spec: SynthSpec):
+    def __init__(self, spec: SynthSpec, thresholds: tuple[float, float] | None = None):
+        """Build the model; ``thresholds`` (from :attr:`thresholds` of a model of
+        the same spec) skips the calibration pass, e.g. in render workers."""
         self.spec = spec
         self.width_um = spec.width * spec.mpp
         self.height_um = spec.height * spec.mpp
@@ -129,7 +132,12 @@ class SlideModel:
         self._angle = _SmoothField(rng, self.width_um, self.height_um, 40.0, 3.0)
         self.truth_step_px = self._truth_step(spec)
         self.stain_matrix, self.dab_scale = self._staining(rng)
-        self._thr_tumour, self._thr_fat = self._calibrate()
+        self._thr_tumour, self._thr_fat = thresholds if thresholds is not None else self._calibrate()
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """Field thresholds for tumour and fat found by calibration."""
+        return self._thr_tumour, self._thr_fat
 
     # -- compartments ----------------------------------------------------
     @staticmethod
@@ -144,29 +152,38 @@ class SlideModel:
         ey = (y_um - self.height_um / 2) / (0.46 * self.height_um)
         return 1.2 * (1.0 - ex * ex - ey * ey) + 0.35 * self._tissue.sample(x_um, y_um)
 
-    def truth_grid_um(self) -> tuple[np.ndarray, np.ndarray]:
-        """Centres (µm) of the truth-grid pixels, as a mesh."""
+    def _truth_rows(self, chunk: int = 256) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Centres (µm) of the truth-grid pixels, as meshes of ``chunk`` rows."""
         s = self.truth_step_px
         nx, ny = math.ceil(self.spec.width / s), math.ceil(self.spec.height / s)
         xs = (np.arange(nx) + 0.5) * s * self.spec.mpp
-        ys = (np.arange(ny) + 0.5) * s * self.spec.mpp
-        return np.meshgrid(xs, ys)
+        for r0 in range(0, ny, chunk):
+            ys = (np.arange(r0, min(ny, r0 + chunk)) + 0.5) * s * self.spec.mpp
+            yield np.meshgrid(xs, ys)
 
     def _calibrate(self) -> tuple[float, float]:
-        xx, yy = self.truth_grid_um()
-        tissue = self._tissue_value(xx, yy) > 0
-        if not tissue.any():
+        # Only the field values of tissue points are kept (float32), row chunk by chunk.
+        tumour_values = []
+        for xx, yy in self._truth_rows():
+            tissue = self._tissue_value(xx, yy) > 0
+            tumour_values.append(self._tumour.sample(xx[tissue], yy[tissue]).astype(np.float32))
+        tv = np.concatenate(tumour_values)
+        if not tv.size:
             return math.inf, math.inf
         r, f = self.spec.tumour_fraction, self.spec.fat_fraction
         # tumour / (tissue - fat) = r with fat = f * (tissue - tumour)
         p = r * (1 - f) / (1 - r * f) if r < 1 else 1.0
-        tv = self._tumour.sample(xx[tissue], yy[tissue])
         thr_t = float(np.quantile(tv, 1 - p)) if p > 0 else math.inf
-        non_tumour = tv <= thr_t
-        if not non_tumour.any() or f == 0:
+        if f == 0 or not (tv <= thr_t).any():
             return thr_t, math.inf
-        fv = self._fat.sample(xx[tissue][non_tumour], yy[tissue][non_tumour])
-        return thr_t, float(np.quantile(fv, 1 - f))
+        del tv
+        fat_values = []
+        for xx, yy in self._truth_rows():
+            tissue = self._tissue_value(xx, yy) > 0
+            xt, yt = xx[tissue], yy[tissue]
+            rest = self._tumour.sample(xt, yt) <= thr_t
+            fat_values.append(self._fat.sample(xt[rest], yt[rest]).astype(np.float32))
+        return thr_t, float(np.quantile(np.concatenate(fat_values), 1 - f))
 
     def labels_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Compartment label at each point."""
@@ -189,8 +206,7 @@ class SlideModel:
 
     def truth_labels(self) -> np.ndarray:
         """Compartment labels on the truth grid (``truth_step_px`` level-0 px per pixel)."""
-        xx, yy = self.truth_grid_um()
-        return self.labels_at(xx, yy)
+        return np.concatenate([self.labels_at(xx, yy) for xx, yy in self._truth_rows()], axis=0)
 
     def stroma_angle(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         return np.pi * self._angle.sample(x_um, y_um)

@@ -84,16 +84,35 @@ def _paint_matrix(
     seed = model.spec.seed
     stroma = labels == STROMA
     if stroma.any():
-        ang = model.stroma_angle(xx[stroma], yy[stroma])
-        u = (xx[stroma] * np.cos(ang) + yy[stroma] * np.sin(ang)) / 10.0
-        v = (-xx[stroma] * np.sin(ang) + yy[stroma] * np.cos(ang)) / 1.2
-        fibre = value_noise(u, v, seed * 31 + 5)
+        fibre = _fibres(model.stroma_angle(xx[stroma], yy[stroma]), xx[stroma], yy[stroma], seed)
         conc_h[stroma] = 0.04 + 0.08 * fibre**2
         conc_d[stroma] = 0.01
     tumour = labels == TUMOUR
     conc_h[tumour] = 0.06
     conc_d[tumour] = 0.01
     conc_h[labels == FAT] = 0.005
+
+
+#: Fibre orientations blended by the local flow angle (radians).
+_FIBRE_ANGLES = (0.0, np.pi / 3, 2 * np.pi / 3)
+
+
+def _fibres(angle: np.ndarray, x_um: np.ndarray, y_um: np.ndarray, seed: int) -> np.ndarray:
+    """Collagen-like streaks along the local flow angle, seamless across tiles.
+
+    Rotating absolute coordinates by a spatially varying angle would shear
+    them without bound far from the origin, so instead a few fixed-orientation
+    anisotropic noises are blended with weights that follow the local angle.
+    """
+    total = np.zeros_like(x_um)
+    weights = np.zeros_like(x_um)
+    for k, theta in enumerate(_FIBRE_ANGLES):
+        w = np.cos(angle - theta) ** 8
+        u = (x_um * np.cos(theta) + y_um * np.sin(theta)) / 10.0
+        v = (-x_um * np.sin(theta) + y_um * np.cos(theta)) / 1.2
+        total += w * value_noise(u, v, seed * 31 + 5 + k)
+        weights += w
+    return total / np.maximum(weights, 1e-6)
 
 
 def _paint_cells(
