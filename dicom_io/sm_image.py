@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.uid import UID, JPEGBaseline8Bit, generate_uid
 from wsidicom import WsiDicom
 from wsidicom.codec import Encoder, LossyCompressionIsoStandard
-from wsidicom.geometry import Point, Size, SizeMm
+from wsidicom.geometry import Point, PointMm, Size, SizeMm
 from wsidicom.instance import WsiDataset, WsiInstance
 from wsidicom.instance.image_data import ImageData
 from wsidicom.metadata import (
@@ -48,6 +48,9 @@ from wsidicom.source import Source
 from dicom_io.pyramid import EncodedLevel
 
 log = logging.getLogger(__name__)
+
+#: The image's top-left corner at the slide coordinate origin, unrotated.
+_SLIDE_ORIGIN = ImageCoordinateSystem(origin=PointMm(0.0, 0.0), rotation=0.0)
 
 #: Software name written as the equipment and used in SR device observers.
 SOFTWARE_NAME = "ihc-adapter"
@@ -131,7 +134,7 @@ class SlideIdentity:
                 image=Image(
                     acquisition_datetime=self.acquisition_datetime,
                     pixel_spacing=spacing,
-                    image_coordinate_system=ImageCoordinateSystem(origin=_origin(), rotation=0.0),
+                    image_coordinate_system=_SLIDE_ORIGIN,
                 ),
                 optical_paths=[OpticalPath(identifier="0", description="Bright-field")],
                 uid=generate_uid(),
@@ -142,12 +145,6 @@ class SlideIdentity:
             frame_of_reference_uid=UID(self.frame_of_reference_uid),
             dimension_organization_uids=[generate_uid()],
         )
-
-
-def _origin():  # wsidicom's slide-coordinate origin type
-    from wsidicom.geometry import PointMm
-
-    return PointMm(0.0, 0.0)
 
 
 class EncodedLevelImageData(ImageData):
@@ -195,9 +192,7 @@ class EncodedLevelImageData(ImageData):
 
     @property
     def image_coordinate_system(self) -> ImageCoordinateSystem:
-        from wsidicom.geometry import PointMm
-
-        return ImageCoordinateSystem(origin=PointMm(0.0, 0.0), rotation=0.0)
+        return _SLIDE_ORIGIN
 
     @property
     def thread_safe(self) -> bool:
