@@ -121,6 +121,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _summary(result: Any) -> str:
+    lines = [f"{result.slide['path']}  profile {result.profile}  (segmentation: {result.compartments.method})"]
+    lines.append(f"  tumour fraction of tissue  {100 * result.tumour_fraction:.1f}%")
+    for name, st in result.compartment_stats.items():
+        hs = "-" if st["h_score"] is None else f"{st['h_score']:.1f}"
+        pp = "-" if st["positive_percent"] is None else f"{st['positive_percent']:.1f}%"
+        lines.append(
+            f"  {name:<7} {st['cells']:>8} cells  neg {st['negative']:>7}  1+ {st['1+']:>7}  2+ {st['2+']:>7}"
+            f"  3+ {st['3+']:>7}  H-score {hs:>6}  positive {pp:>6}  area {st['area_mm2']:.2f} mm²"
+        )
+    for key, value in result.scores.items():
+        if key not in ("h_score", "positive_percent"):
+            lines.append(f"  {key:<26} {json.dumps(value)}")
+    if result.alerts:
+        lines.append("  ALERTS (verify by a pathologist):")
+        lines.extend(f"    {a['code']}: {a['message']}" for a in result.alerts)
+    else:
+        lines.append("  no alerts")
+    return "\n".join(lines)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import functools
+
+    from config.settings import load_settings
+    from dicom_io import open_slide
+    from pipeline.analysis import analyse
+
+    overrides = list(args.set or [])
+    if args.workers is not None:
+        overrides.append(f"tiling.workers={args.workers}")
+    settings = load_settings(args.profile, overrides)
+    source: Any = args.slide[0] if len(args.slide) == 1 else args.slide
+    opener = functools.partial(open_slide, source, args.mpp)
+    with opener() as slide:
+        result = analyse(slide, settings, opener=opener, progress=sys.stderr.isatty())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
+    print(_summary(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ihc-adapter", description="Hands-free IHC scoring for DICOM/OME slides.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -148,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--formats", default="dicom,ome,svs", help="comma-separated: dicom,ome,svs")
     synth.add_argument("--workers", type=int, help="render processes (default: up to 2)")
     synth.set_defaults(func=cmd_synth)
+
+    score = sub.add_parser("score", help="score a slide with a stain profile")
+    score.add_argument("slide", nargs="+", help="slide file, DICOM folder, or DICOM instances of one series")
+    score.add_argument("--profile", default="hscore", help="hscore, ki67, er, pr, her2, pdl1, or a .toml file")
+    score.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. nuclei.threshold=0.2"
+    )
+    score.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
+    score.add_argument("--mpp", type=float, help="µm/px of the finest level, for files that lack it")
+    score.add_argument("--workers", type=int, help="tile processes (default: all cores)")
+    score.set_defaults(func=cmd_score)
 
     demo = sub.add_parser("demo", help="generate a sample slide and show what the adapter reads from it")
     demo.add_argument("--out", help="output folder (default: a new temporary folder)")

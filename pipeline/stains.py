@@ -42,3 +42,84 @@ class StainMatrix:
         """Beer–Lambert: ``(..., 3)`` stain ODs to ``(..., 3)`` float intensities."""
         od = conc @ self.matrix()
         return background * np.power(10.0, -od)
+
+
+Background = float | tuple[float, float, float]
+
+
+def rgb_to_od(rgb: np.ndarray, background: Background = 255.0) -> np.ndarray:
+    """Optical density ``log10(I0 / I)`` per channel, float32 (≥ 0; zero intensity clipped to 1).
+
+    ``background`` is the white level I0, one value or one per channel.
+    """
+    if isinstance(background, (int, float)):
+        return _od_table(float(background))[rgb]
+    out = np.empty(rgb.shape, np.float32)
+    for c in range(3):
+        out[..., c] = _od_table(float(background[c]))[rgb[..., c]]
+    return out
+
+
+_OD_TABLES: dict[float, np.ndarray] = {}
+
+
+def _od_table(background: float) -> np.ndarray:
+    """Lookup table uint8 → OD (cached per background value)."""
+    table = _OD_TABLES.get(background)
+    if table is None:
+        values = np.maximum(np.arange(256, dtype=np.float64), 1.0)
+        table = np.maximum(np.log10(background / values), 0.0).astype(np.float32)
+        _OD_TABLES[background] = table
+    return table
+
+
+def deconvolve(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> np.ndarray:
+    """Ruifrok–Johnston colour deconvolution: ``(..., 3)`` RGB → H, DAB, residual OD."""
+    inverse = np.linalg.inv(stains.matrix()).astype(np.float32)
+    return rgb_to_od(rgb, background) @ inverse
+
+
+def angle_deg(a: np.ndarray | tuple[float, ...], b: np.ndarray | tuple[float, ...]) -> float:
+    cos = float(np.clip(unit(a) @ unit(b), -1.0, 1.0))
+    return float(np.degrees(np.arccos(cos)))
+
+
+def estimate_macenko(
+    od: np.ndarray,
+    reference: StainMatrix,
+    od_min: float = 0.05,
+    od_max: float = 1.0,
+    percentile: float = 1.0,
+    max_angle_deg: float = 25.0,
+) -> tuple[StainMatrix, str]:
+    """Estimate H and DAB vectors from OD pixels (Macenko et al. 2009).
+
+    Pixels whose OD components all lie in ``[od_min, od_max]`` are projected
+    on the plane of their two main directions; the ``percentile`` extremes
+    of the angle in that plane give the two stains. The estimate is assigned
+    to H/DAB by closeness to ``reference`` and rejected (returning the
+    reference and the reason) when too few pixels qualify or a vector lies
+    more than ``max_angle_deg`` from its reference.
+    """
+    flat = od.reshape(-1, 3)
+    keep = np.all((flat >= od_min) & (flat <= od_max), axis=1)
+    pixels = flat[keep].astype(np.float64)
+    if pixels.shape[0] < 500:
+        return reference, f"only {pixels.shape[0]} stained pixels; kept default vectors"
+    _, vecs = np.linalg.eigh(np.cov(pixels.T))
+    plane = vecs[:, 1:3]  # two largest eigenvectors
+    proj = pixels @ plane
+    phi = np.arctan2(proj[:, 1], proj[:, 0])
+    lo, hi = np.percentile(phi, percentile), np.percentile(phi, 100 - percentile)
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    v1, v2 = unit(np.abs(v1)), unit(np.abs(v2))
+    ref_h, ref_d = reference.hematoxylin, reference.dab
+    if angle_deg(v1, ref_h) + angle_deg(v2, ref_d) > angle_deg(v2, ref_h) + angle_deg(v1, ref_d):
+        v1, v2 = v2, v1
+    ah, ad = angle_deg(v1, ref_h), angle_deg(v2, ref_d)
+    if ah > max_angle_deg or ad > max_angle_deg:
+        return reference, f"estimate {ah:.0f}°/{ad:.0f}° from the defaults; kept default vectors"
+    h = (float(v1[0]), float(v1[1]), float(v1[2]))
+    d = (float(v2[0]), float(v2[1]), float(v2[2]))
+    return StainMatrix(hematoxylin=h, dab=d), "estimated"

@@ -1,0 +1,229 @@
+"""One frozen, validated settings model for scoring, and stain profiles.
+
+Profiles are TOML files in ``config/profiles/`` (``hscore``, ``ki67``, ``er``,
+``pr``, ``her2``, ``pdl1``); any value can be overridden with dotted
+``key=value`` pairs (``nuclei.threshold=0.2``), validated with errors that
+name the parameter and the bad value.
+
+Nucleus detection parameters mirror QuPath's *Positive cell detection* so a
+lab can carry a protocol over; their QuPath names are given per field.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from config.errors import ConfigError
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+Vector3 = tuple[float, float, float]
+
+
+class StainSettings(_Frozen):
+    """Colour deconvolution (Ruifrok–Johnston)."""
+
+    hematoxylin: Vector3 = Field((0.65111, 0.70119, 0.29049), description="H OD vector (QuPath H-DAB default)")
+    dab: Vector3 = Field((0.26917, 0.56824, 0.77759), description="DAB OD vector (QuPath H-DAB default)")
+    background: Literal["auto"] | float = Field(
+        "auto", description="white level I0 (QuPath 'background'): a value, or 'auto' = median glass colour"
+    )
+    estimate: bool = Field(False, description="estimate vectors per slide (Macenko) with fallback to defaults")
+    estimate_tiles: int = Field(16, ge=1, le=512, description="tissue tiles sampled for estimation")
+    estimate_max_angle_deg: float = Field(
+        25.0, gt=0, le=90, description="estimated vectors further than this from the defaults are rejected"
+    )
+
+    @field_validator("background")
+    @classmethod
+    def _background(cls, v: str | float) -> str | float:
+        if v != "auto" and not (isinstance(v, (int, float)) and 0 < v <= 255):
+            raise ValueError(f"background {v!r} must be 'auto' or a value in (0, 255]")
+        return v
+
+    @field_validator("hematoxylin", "dab")
+    @classmethod
+    def _positive(cls, v: Vector3) -> Vector3:
+        if any(c < 0 for c in v) or sum(c * c for c in v) == 0:
+            raise ValueError(f"stain vector {v} must be non-negative and not zero")
+        return v
+
+
+class TissueSettings(_Frozen):
+    """Tissue detection on a low-resolution image."""
+
+    mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask (µm/px)")
+    min_od: float = Field(0.05, ge=0, description="lower bound of the Otsu threshold (OD sum above glass)")
+    max_od: float = Field(0.1, gt=0, description="upper bound of the Otsu threshold (OD sum above glass)")
+    min_region_um2: float = Field(20_000.0, ge=0, description="tissue pieces smaller than this are dropped")
+    close_um: float = Field(32.0, ge=0, description="closing radius that fills gaps between cells")
+    min_tile_tissue: float = Field(0.01, ge=0, le=1, description="keep tiles with at least this tissue fraction")
+
+
+class TilingSettings(_Frozen):
+    tile_size: int = Field(512, ge=64, le=4096)
+    margin_um: float = Field(16.0, ge=0, description="context read around each tile; cells are owned by centre")
+    workers: int = Field(0, ge=0, le=64, description="processes; 0 = number of CPU cores")
+
+
+class NucleiSettings(_Frozen):
+    """Classical nucleus detection (QuPath 'Positive cell detection' terms)."""
+
+    detection_image: Literal["hematoxylin", "od_sum"] = Field(
+        "hematoxylin", description="QuPath 'Detection image': Hematoxylin OD or Optical density sum"
+    )
+    requested_pixel_size_um: float = Field(
+        0.5, gt=0.05, le=4.0, description="QuPath 'Requested pixel size': the analysis µm/px (the paper used 0.46)"
+    )
+    background_radius_um: float = Field(8.0, ge=0, description="QuPath 'Background radius' (0 = off)")
+    median_radius_um: float = Field(0.0, ge=0, description="QuPath 'Median filter radius'")
+    sigma_um: float = Field(1.5, gt=0, description="QuPath 'Sigma' of the Gaussian smoothing")
+    min_area_um2: float = Field(10.0, ge=0, description="QuPath 'Minimum area'")
+    max_area_um2: float = Field(400.0, gt=0, description="QuPath 'Maximum area'")
+    threshold: float = Field(0.1, gt=0, description="QuPath 'Threshold' on the detection image (OD)")
+    max_background: float = Field(2.0, gt=0, description="QuPath 'Max background intensity'")
+    split_by_shape: bool = Field(True, description="QuPath 'Split by shape'")
+    cell_expansion_um: float = Field(5.0, ge=0, description="QuPath 'Cell expansion' (the paper used 4)")
+    include_nuclei: bool = Field(True, description="QuPath 'Include cell nucleus'")
+    model: Path | None = Field(None, description="TorchScript nucleus model instead of the classical detector")
+
+    @model_validator(mode="after")
+    def _areas(self) -> NucleiSettings:
+        if self.max_area_um2 <= self.min_area_um2:
+            raise ValueError(f"max_area_um2 {self.max_area_um2} must exceed min_area_um2 {self.min_area_um2}")
+        return self
+
+
+class IntensitySettings(_Frozen):
+    """How a cell's DAB is measured and classed (QuPath 'Intensity parameters')."""
+
+    compartment: Literal["nucleus", "cytoplasm", "membrane", "cell"] = Field(
+        "cell", description="QuPath 'Score compartment'"
+    )
+    statistic: Literal["mean", "max"] = Field("mean", description="DAB OD mean or max")
+    thresholds: tuple[float, float, float] = Field((0.2, 0.4, 0.6), description="1+, 2+, 3+ thresholds (OD)")
+    single_threshold: float | None = Field(None, gt=0, description="use one positive threshold instead")
+    membrane_width_um: float = Field(1.0, gt=0, description="width of the membrane band inside the cell edge")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if not (0 < v[0] < v[1] < v[2]):
+            raise ValueError(f"thresholds {v} must be positive and increasing")
+        return v
+
+
+class SegmentationSettings(_Frozen):
+    """Tumour–stroma segmentation into tumour / stroma / fat-background / other."""
+
+    method: Literal["builtin", "model"] = "builtin"
+    grid_um: float = Field(32.0, gt=0, description="builtin: feature grid cell size")
+    smooth_um: float = Field(40.0, ge=0, description="builtin: Gaussian smoothing of features")
+    tumour_density_per_mm2: float = Field(
+        3500.0,
+        gt=0,
+        description="builtin: nuclei/mm² above which tissue is called tumour (midway between typical"
+        " carcinoma, ~6000/mm², and stroma, ~1000/mm²)",
+    )
+    tumour_min_nucleus_um2: float = Field(
+        25.0, ge=0, description="builtin: mean nuclear area (µm²) a tumour region must reach"
+    )
+    model: Path | None = Field(None, description="TorchScript model file (required for method='model')")
+    model_mpp: float = Field(2.0, gt=0, description="model input resolution (µm/px)")
+    model_tile_size: int = Field(256, ge=16, le=4096)
+    model_channels: Literal["rgb", "hdab"] = Field("rgb", description="rgb in [0,1] or H/DAB/residual OD")
+    model_classes: tuple[str, ...] = Field(
+        ("tumour", "stroma", "fat_background", "other"), description="meaning of the model's output channels"
+    )
+    batch_size: int = Field(8, ge=1, le=256)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _model_needs_file(self) -> SegmentationSettings:
+        if self.method == "model" and self.model is None:
+            raise ValueError("method 'model' needs segmentation.model = path to a TorchScript file")
+        return self
+
+
+class ScoreSettings(_Frozen):
+    """Profile-specific clinical scores and alert limits."""
+
+    kind: Literal["hscore", "ki67", "er", "pr", "her2", "pdl1"] = "hscore"
+    low_tumour_fraction: float = Field(0.10, ge=0, le=1, description="alert below this tumour/tissue area")
+    min_tumour_cells: int = Field(100, ge=0, description="alert when fewer tumour cells were scored")
+    min_tissue_mm2: float = Field(0.5, ge=0, description="alert when less tissue was found")
+    ki67_cutoff_percent: float = Field(20.0, ge=0, le=100, description="Ki-67 clinical cut-off")
+    near_cutoff_percent: float = Field(2.5, ge=0, description="alert when within this of a cut-off")
+    her2_complete_fraction: float = Field(
+        0.6, gt=0, le=1, description="membrane fraction above DAB threshold that counts as complete"
+    )
+
+
+class Settings(_Frozen):
+    """Everything the scoring pipeline reads; build with :func:`load_settings`."""
+
+    profile: str = "hscore"
+    description: str = ""
+    stain: StainSettings = StainSettings()
+    tissue: TissueSettings = TissueSettings()
+    tiling: TilingSettings = TilingSettings()
+    nuclei: NucleiSettings = NucleiSettings()
+    intensity: IntensitySettings = IntensitySettings()
+    segmentation: SegmentationSettings = SegmentationSettings()
+    scores: ScoreSettings = ScoreSettings()
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=value`` → (["a", "b"], value); values are JSON when they parse, else text."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", item, "expected key=value, e.g. nuclei.threshold=0.2")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _merge(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(path), value, f"{part} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def load_settings(profile: str | Path = "hscore", overrides: list[str] | tuple[str, ...] = ()) -> Settings:
+    """A profile (name or TOML path) with ``key=value`` overrides, validated."""
+    path = Path(profile) if str(profile).endswith(".toml") else PROFILE_DIR / f"{profile}.toml"
+    if not path.is_file():
+        raise ConfigError("profile", str(profile), f"unknown profile; choose from {', '.join(available_profiles())}")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("profile", str(path), f"invalid TOML: {exc}") from exc
+    for item in overrides:
+        keys, value = parse_override(item)
+        _merge(data, keys, value)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(where, err.get("input"), err["msg"]) from exc

@@ -1,0 +1,314 @@
+"""Score a slide: tissue → tiles → deconvolution → cells → tumour/stroma → scores → alerts.
+
+:func:`analyse` takes a :class:`~pipeline.slide.Slide` and the frozen
+:class:`~config.settings.Settings` and returns a :class:`SlideResult`. It
+never imports a slide backend: to use several processes it needs an
+``opener`` (a picklable zero-argument callable returning the slide, such as
+``functools.partial(dicom_io.open_slide, path)``), because each worker reads
+its own tiles.
+
+Tiles are read at ``nuclei.requested_pixel_size_um`` with a margin; a cell
+belongs to the tile whose core holds its centroid, so a cell on a seam is
+counted once. Only tiles with at least ``tissue.min_tile_tissue`` tissue are
+read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from config.settings import Settings
+from pipeline import scoring
+from pipeline.nuclei import CELL_COLUMNS, detect_cells, intensity_class, intensity_value
+from pipeline.segmentation import (
+    CLASS_NAMES,
+    STROMA,
+    TUMOUR,
+    CompartmentMap,
+    TorchScriptSegmenter,
+    builtin_segmentation,
+)
+from pipeline.slide import Slide
+from pipeline.stains import Background, StainMatrix, deconvolve, estimate_macenko, rgb_to_od
+from pipeline.tissue import TissueMask, detect_tissue
+
+log = logging.getLogger(__name__)
+
+SlideOpener = Callable[[], Slide]
+
+
+@dataclass
+class SlideResult:
+    """Everything the pipeline found on one slide (JSON via :meth:`to_json`)."""
+
+    profile: str
+    slide: dict[str, Any]
+    settings: Settings
+    analysis_mpp: float
+    tissue: TissueMask
+    compartments: CompartmentMap
+    cells: dict[str, np.ndarray]
+    tumour_fraction: float
+    compartment_stats: dict[str, dict[str, Any]]
+    scores: dict[str, Any]
+    alerts: list[dict[str, str]]
+    stain: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "slide": self.slide,
+            "analysis_mpp": self.analysis_mpp,
+            "tumour_fraction": self.tumour_fraction,
+            "compartments": self.compartment_stats,
+            "scores": self.scores,
+            "alerts": self.alerts,
+            "segmentation": self.compartments.method,
+            "stain": self.stain,
+            "settings": self.settings.model_dump(mode="json"),
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+
+
+# -- per-tile work (runs in worker processes) -------------------------------------
+
+
+@dataclass
+class _TileContext:
+    slide: Slide
+    settings: Settings
+    stains: StainMatrix
+    background: Background
+    tissue_mpp: float
+    tissue_shape: tuple[int, int]
+
+
+_CTX: _TileContext | None = None
+
+
+def _init_worker(
+    opener: SlideOpener,
+    settings: Settings,
+    stains: StainMatrix,
+    background: Background,
+    tissue_mpp: float,
+    tissue_shape: tuple[int, int],
+) -> None:
+    global _CTX  # one context per worker process
+    import torch
+
+    torch.set_num_threads(1)
+    _CTX = _TileContext(opener(), settings, stains, background, tissue_mpp, tissue_shape)
+
+
+def _process_tile(core: tuple[int, int, int, int]) -> dict[str, Any]:
+    assert _CTX is not None
+    return process_tile(_CTX, core)
+
+
+def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str, Any]:
+    """Read one tile with its margin, find and measure its cells."""
+    s = ctx.settings
+    mpp = s.nuclei.requested_pixel_size_um
+    margin = int(np.ceil(s.tiling.margin_um / mpp))
+    x, y, w, h = core
+    t0 = time.perf_counter()
+    pixels, _ = ctx.slide.read_at_mpp(mpp, x - margin, y - margin, w + 2 * margin, h + 2 * margin)
+    t1 = time.perf_counter()
+    od = deconvolve(pixels, ctx.stains, ctx.background)
+    od_sum = rgb_to_od(pixels, ctx.background).sum(axis=-1) if s.nuclei.detection_image == "od_sum" else od[..., 0]
+    t2 = time.perf_counter()
+    tc = detect_cells(od[..., 0], od[..., 1], od_sum, mpp, s.nuclei, s.intensity)
+    t3 = time.perf_counter()
+    table = tc.table
+    cx, cy = table["x"] - margin, table["y"] - margin
+    own = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+    cells = {k: v[own] for k, v in table.items()}
+    cells["x_um"] = (x + cx[own] + 0.5) * mpp
+    cells["y_um"] = (y + cy[own] + 0.5) * mpp
+    # Pixel classes inside cells, binned on the tissue-mask grid (pixel H-score).
+    core_sl = (slice(margin, margin + h), slice(margin, margin + w))
+    in_cell = tc.cells[core_sl] > 0
+    dab = od[..., 1][core_sl][in_cell]
+    yy, xx = np.nonzero(in_cell)
+    scale = mpp / ctx.tissue_mpp
+    th, tw = ctx.tissue_shape
+    gi = np.clip(((y + yy + 0.5) * scale).astype(np.int64), 0, th - 1) * tw + np.clip(
+        ((x + xx + 0.5) * scale).astype(np.int64), 0, tw - 1
+    )
+    pclass = intensity_class(dab, s.intensity).astype(np.int64)
+    keys, counts = np.unique(gi * 4 + pclass, return_counts=True)
+    t4 = time.perf_counter()
+    return {
+        "cells": cells,
+        "pixel_keys": keys,
+        "pixel_counts": counts,
+        "timings": {"read": t1 - t0, "deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
+        "pixels": w * h,
+    }
+
+
+# -- the slide-level run --------------------------------------------------------------
+
+
+def _background(settings: Settings, tissue: TissueMask) -> Background:
+    if settings.stain.background != "auto":
+        return float(settings.stain.background)
+    if tissue.glass_rgb is None:
+        return 255.0
+    r, g, b = tissue.glass_rgb
+    return (max(r, 1.0), max(g, 1.0), max(b, 1.0))
+
+
+def _estimate_stains(
+    slide: Slide, settings: Settings, cores: list[tuple[int, int, int, int]], background: Background
+) -> tuple[StainMatrix, str]:
+    ref = StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
+    if not settings.stain.estimate:
+        return ref, "default"
+    mpp = settings.nuclei.requested_pixel_size_um
+    pick = np.linspace(0, len(cores) - 1, min(settings.stain.estimate_tiles, len(cores))).astype(int)
+    ods = [rgb_to_od(slide.read_at_mpp(mpp, *cores[i])[0], background).reshape(-1, 3) for i in pick]
+    if not ods:
+        return ref, "no tissue tiles; kept default vectors"
+    return estimate_macenko(np.concatenate(ods), ref, max_angle_deg=settings.stain.estimate_max_angle_deg)
+
+
+def analyse(
+    slide: Slide,
+    settings: Settings,
+    opener: SlideOpener | None = None,
+    progress: bool = False,
+) -> SlideResult:
+    """Run the whole pipeline on ``slide``."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    tissue = detect_tissue(slide, settings.tissue)
+    background = _background(settings, tissue)
+    timings["tissue"] = time.perf_counter() - t
+
+    mpp = settings.nuclei.requested_pixel_size_um
+    grid = slide.grid(mpp, settings.tiling.tile_size)
+    fractions = tissue.tile_fractions(grid)
+    cores = [
+        c
+        for c in grid.cores()
+        if fractions[c[1] // grid.tile_size, c[0] // grid.tile_size] >= settings.tissue.min_tile_tissue
+    ]
+    t = time.perf_counter()
+    stains, stain_status = _estimate_stains(slide, settings, cores, background)
+    timings["stain_estimation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    workers = settings.tiling.workers or (os.cpu_count() or 1)
+    workers = min(workers, max(1, len(cores)))
+    args = (settings, stains, background, tissue.mpp, tissue.mask.shape)
+    outputs = []
+    iterator: Any
+    pool = None
+    if workers > 1 and opener is not None:
+        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(opener, *args))
+        iterator = pool.map(_process_tile, cores, chunksize=4)
+    else:
+        ctx = _TileContext(slide, *args)
+        iterator = (process_tile(ctx, c) for c in cores)
+    try:
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(iterator, total=len(cores), unit="tile", desc="scoring")
+        outputs = list(iterator)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    timings["tiles"] = time.perf_counter() - t
+    for key in ("read", "deconvolution", "cells", "measure"):
+        timings[f"tiles_{key}_cpu"] = float(sum(o["timings"][key] for o in outputs))
+    tissue_mpx = sum(o["pixels"] for o in outputs) / 1e6
+
+    cells = _concat_cells([o["cells"] for o in outputs])
+    flat_hist = np.zeros(tissue.mask.size * 4, np.int64)
+    for o in outputs:
+        np.add.at(flat_hist, o["pixel_keys"], o["pixel_counts"])
+    pixel_hist = flat_hist.reshape((*tissue.mask.shape, 4))
+
+    t = time.perf_counter()
+    if settings.segmentation.method == "model":
+        compartments = TorchScriptSegmenter(settings.segmentation, settings.stain).segment(slide, tissue, background)
+    else:
+        compartments = builtin_segmentation(
+            cells["x_um"], cells["y_um"], cells["nucleus_area_um2"], tissue, settings.segmentation
+        )
+    timings["segmentation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cells["compartment"] = compartments.lookup(cells["x_um"], cells["y_um"])
+    cells["intensity_class"] = intensity_class(intensity_value(cells, settings.intensity), settings.intensity)
+    cells["membrane_class"] = intensity_class(cells["membrane_dab_mean"], settings.intensity)
+    cells["membrane_complete"] = cells["membrane_positive_fraction"] >= settings.scores.her2_complete_fraction
+
+    tissue_area = compartments.area_mm2(TUMOUR) + compartments.area_mm2(STROMA)
+    tumour_area = compartments.area_mm2(TUMOUR)
+    tumour_fraction = tumour_area / tissue_area if tissue_area > 0 else 0.0
+    stats: dict[str, dict[str, Any]] = {}
+    labels = compartments.labels
+    for name, sel, pix in (
+        ("tumour", cells["compartment"] == TUMOUR, labels == TUMOUR),
+        ("stroma", cells["compartment"] == STROMA, labels == STROMA),
+        ("tissue", np.isin(cells["compartment"], (TUMOUR, STROMA)), np.isin(labels, (TUMOUR, STROMA))),
+    ):
+        area = float(pix.sum()) * (compartments.mpp / 1000.0) ** 2
+        stats[name] = scoring.compartment_summary(cells["intensity_class"][sel], area, pixel_hist[pix].sum(axis=0))
+    tum = cells["compartment"] == TUMOUR
+    scores = scoring.profile_scores(
+        settings.scores.kind,
+        cells["intensity_class"][tum],
+        cells["membrane_class"][tum],
+        cells["membrane_complete"][tum],
+        settings.scores,
+    )
+    alerts = scoring.alerts(settings.scores.kind, tumour_fraction, int(tum.sum()), tissue_area, scores, settings.scores)
+    timings["scoring"] = time.perf_counter() - t
+    timings["tissue_mpx"] = tissue_mpx
+    described = slide.describe()
+    described.pop("levels", None)
+    return SlideResult(
+        profile=settings.profile,
+        slide=described,
+        settings=settings,
+        analysis_mpp=mpp,
+        tissue=tissue,
+        compartments=compartments,
+        cells=cells,
+        tumour_fraction=tumour_fraction,
+        compartment_stats=stats,
+        scores=scores,
+        alerts=alerts,
+        stain={
+            "hematoxylin": stains.hematoxylin,
+            "dab": stains.dab,
+            "background": background,
+            "status": stain_status,
+            "tissue_threshold_od": tissue.threshold_od,
+        },
+        timings=timings,
+    )
+
+
+def _concat_cells(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    keys = (*CELL_COLUMNS, "x_um", "y_um")
+    if not parts:
+        return {k: np.zeros(0) for k in keys}
+    return {k: np.concatenate([p[k] for p in parts]) for k in keys}
+
+
+__all__ = ["CLASS_NAMES", "SlideResult", "analyse"]

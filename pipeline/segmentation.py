@@ -1,0 +1,178 @@
+"""Tumour–stroma segmentation into the AutoIHC paper's four classes.
+
+Two methods behind one result type (:class:`CompartmentMap`):
+
+``builtin`` (no model file)
+    An honest, documented rule on low-magnification *nuclear crowding*, not
+    a trained network. Detected nuclei are binned on a grid (``grid_um``);
+    density (nuclei/mm²) and mean nuclear area are smoothed (``smooth_um``)
+    and tissue is called tumour where the density exceeds
+    ``tumour_density_per_mm2`` and the mean nuclear area reaches
+    ``tumour_min_nucleus_um2`` (carcinoma nests are crowded with large
+    nuclei; stroma is sparse; lymphocyte-rich stroma is crowded but its
+    nuclei are small). Non-tissue is fat/background; the rest of the tissue
+    is stroma. It knows nothing of necrosis, in-situ disease or normal
+    epithelium, which it will call tumour when crowded: for those, train a
+    model.
+``model``
+    A TorchScript file (``segmentation.model``) run on tiles read at
+    ``model_mpp`` with ``model_tile_size``; input ``(N, 3, H, W)`` float32,
+    RGB in [0, 1] or H/DAB/residual OD (``model_channels``); output
+    ``(N, C, H', W')`` logits whose channels mean ``model_classes``. Batches
+    run on CUDA when present, else on the CPU. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from config.errors import ConfigError
+from config.settings import SegmentationSettings, StainSettings
+from pipeline.slide import Slide
+from pipeline.stains import Background, StainMatrix, deconvolve
+from pipeline.tissue import TissueMask
+
+log = logging.getLogger(__name__)
+
+TUMOUR, STROMA, FAT_BACKGROUND, OTHER = 1, 2, 0, 3
+CLASS_NAMES = {TUMOUR: "tumour", STROMA: "stroma", FAT_BACKGROUND: "fat_background", OTHER: "other"}
+_NAME_TO_LABEL = {v: k for k, v in CLASS_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class CompartmentMap:
+    """Labels (0 fat/background, 1 tumour, 2 stroma, 3 other) at ``mpp`` from (0, 0)."""
+
+    labels: np.ndarray
+    mpp: float
+    method: str
+
+    def area_mm2(self, label: int) -> float:
+        return float((self.labels == label).sum()) * (self.mpp / 1000.0) ** 2
+
+    def lookup(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Label at each point (µm); outside the map is fat/background."""
+        col = np.floor(np.asarray(x_um) / self.mpp).astype(np.int64)
+        row = np.floor(np.asarray(y_um) / self.mpp).astype(np.int64)
+        h, w = self.labels.shape
+        inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+        out = np.full(col.shape, FAT_BACKGROUND, np.uint8)
+        out[inside] = self.labels[row[inside], col[inside]]
+        return out
+
+
+def builtin_segmentation(
+    x_um: np.ndarray,
+    y_um: np.ndarray,
+    nucleus_area_um2: np.ndarray,
+    tissue: TissueMask,
+    settings: SegmentationSettings,
+) -> CompartmentMap:
+    """Tumour where tissue is crowded with large nuclei (see module docstring)."""
+    h, w = tissue.mask.shape
+    grid = settings.grid_um
+    gw = max(1, int(np.ceil(w * tissue.mpp / grid)))
+    gh = max(1, int(np.ceil(h * tissue.mpp / grid)))
+    gx = np.clip((x_um / grid).astype(np.int64), 0, gw - 1)
+    gy = np.clip((y_um / grid).astype(np.int64), 0, gh - 1)
+    counts = np.bincount(gy * gw + gx, minlength=gw * gh).reshape(gh, gw).astype(np.float64)
+    area_sum = np.bincount(gy * gw + gx, weights=nucleus_area_um2, minlength=gw * gh).reshape(gh, gw)
+    # Tissue fraction of each grid cell, so density is per mm² of tissue, not of glass.
+    zoom = (gh / h, gw / w)
+    tissue_frac = ndimage.zoom(tissue.mask.astype(np.float64), zoom, order=1, grid_mode=True, mode="nearest")
+    tissue_frac = _fit(tissue_frac, (gh, gw))
+    sigma = settings.smooth_um / grid
+    if sigma > 0:
+        counts = ndimage.gaussian_filter(counts, sigma)
+        area_sum = ndimage.gaussian_filter(area_sum, sigma)
+        tissue_frac = ndimage.gaussian_filter(tissue_frac, sigma)
+    cell_mm2 = (grid / 1000.0) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        density = counts / (np.maximum(tissue_frac, 1e-3) * cell_mm2)
+        mean_area = np.where(counts > 1e-6, area_sum / counts, 0.0)
+    tumour_grid = (density >= settings.tumour_density_per_mm2) & (mean_area >= settings.tumour_min_nucleus_um2)
+    # Back to the tissue-mask resolution (bilinear on the score keeps edges smooth).
+    score = ndimage.zoom(tumour_grid.astype(np.float32), (h / gh, w / gw), order=1, grid_mode=True, mode="nearest")
+    tumour = _fit(score, (h, w)) >= 0.5
+    labels = np.full((h, w), FAT_BACKGROUND, np.uint8)
+    labels[tissue.mask] = STROMA
+    labels[tissue.mask & tumour] = TUMOUR
+    return CompartmentMap(labels=labels, mpp=tissue.mpp, method="builtin")
+
+
+def _fit(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Crop or edge-pad ``a`` to ``shape`` (zoom can be off by one)."""
+    out = a[: shape[0], : shape[1]]
+    pad = ((0, shape[0] - out.shape[0]), (0, shape[1] - out.shape[1]))
+    return np.pad(out, pad, mode="edge") if any(p[1] for p in pad) else out
+
+
+class TorchScriptSegmenter:
+    """Runs a TorchScript tumour–stroma model over a slide in batches."""
+
+    def __init__(self, settings: SegmentationSettings, stains: StainSettings):
+        import torch
+
+        if settings.model is None:
+            raise ConfigError("segmentation.model", None, "a TorchScript file is required")
+        path = Path(settings.model)
+        if not path.is_file():
+            raise ConfigError("segmentation.model", str(path), "file not found")
+        unknown = [c for c in settings.model_classes if c not in _NAME_TO_LABEL]
+        if unknown:
+            raise ConfigError("segmentation.model_classes", unknown, f"classes must be among {sorted(_NAME_TO_LABEL)}")
+        want_cuda = settings.device in ("auto", "cuda")
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("segmentation.device", "cuda", "CUDA is not available on this machine")
+        self.device = torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
+        try:
+            self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        except Exception as exc:  # torch raises RuntimeError with a long C++ trace
+            raise ConfigError("segmentation.model", str(path), f"not a loadable TorchScript model: {exc}") from exc
+        self.settings = settings
+        self.stains = StainMatrix(stains.hematoxylin, stains.dab)
+        self._lut = np.array([_NAME_TO_LABEL[c] for c in settings.model_classes], np.uint8)
+
+    def _prepare(self, rgb: np.ndarray, background: Background) -> np.ndarray:
+        if self.settings.model_channels == "rgb":
+            return rgb.astype(np.float32) / 255.0
+        return deconvolve(rgb, self.stains, background).astype(np.float32)
+
+    def segment(self, slide: Slide, tissue: TissueMask, background: Background) -> CompartmentMap:
+        import torch
+
+        s = self.settings
+        grid = slide.grid(s.model_mpp, s.model_tile_size)
+        labels = np.full((grid.height, grid.width), FAT_BACKGROUND, np.uint8)
+        cores = list(grid.cores())
+        for start in range(0, len(cores), s.batch_size):
+            batch = cores[start : start + s.batch_size]
+            arrays = []
+            for x, y, _w, _h in batch:
+                pixels, _ = slide.read_at_mpp(s.model_mpp, x, y, s.model_tile_size, s.model_tile_size)
+                arrays.append(self._prepare(pixels, background))
+            inp = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(self.device)
+            with torch.inference_mode():
+                out = self.model(inp)
+            if out.ndim != 4 or out.shape[1] != len(s.model_classes):
+                raise ConfigError(
+                    "segmentation.model",
+                    str(s.model),
+                    f"output shape {tuple(out.shape)} is not (N, {len(s.model_classes)}, H, W)",
+                )
+            if out.shape[-2:] != inp.shape[-2:]:
+                out = torch.nn.functional.interpolate(out, size=inp.shape[-2:], mode="bilinear")
+            cls = out.argmax(1).to("cpu").numpy()
+            for (x, y, w, h), c in zip(batch, cls, strict=True):
+                labels[y : y + h, x : x + w] = self._lut[c[:h, :w]]
+        # Resample to the tissue mask grid and keep labels inside tissue only.
+        th, tw = tissue.mask.shape
+        zoom = (th / labels.shape[0], tw / labels.shape[1])
+        resampled = _fit(ndimage.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest"), (th, tw))
+        resampled = np.where(tissue.mask, resampled, FAT_BACKGROUND).astype(np.uint8)
+        return CompartmentMap(labels=resampled, mpp=tissue.mpp, method=f"model:{Path(str(s.model)).name}")

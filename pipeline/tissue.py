@@ -1,0 +1,110 @@
+"""Tissue detection on a low-resolution image and tissue-tile selection.
+
+Method: optical-density sum of a low-resolution read (default 8 µm/px)
+measured against the slide's own glass colour (the median of what a first
+pass calls glass; 255 when no glass is visible), Otsu's threshold clipped to
+``[min_od, max_od]`` (Otsu alone splits pale stroma from dense tumour on a
+mostly-tissue slide; any counterstained tissue absorbs more than
+``max_od`` above the glass), morphological closing to join cells into
+tissue, and removal of pieces smaller than ``min_region_um2``. White holes inside tissue (fat, lumina, tears) stay
+holes: they are not tissue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from config.settings import TissueSettings
+from pipeline.slide import Slide, TileGrid
+from pipeline.stains import rgb_to_od
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """Boolean tissue mask at ``mpp`` µm/px covering the slide from (0, 0)."""
+
+    mask: np.ndarray
+    mpp: float
+    threshold_od: float
+    #: Median RGB of the glass around the tissue, None when there is too little glass.
+    glass_rgb: tuple[float, float, float] | None = None
+
+    @property
+    def area_mm2(self) -> float:
+        return float(self.mask.sum()) * (self.mpp / 1000.0) ** 2
+
+    def tile_fractions(self, grid: TileGrid) -> np.ndarray:
+        """Tissue fraction of every tile core of ``grid`` (rows × columns)."""
+        scale = grid.mpp / self.mpp
+        h, w = self.mask.shape
+        integral = np.zeros((h + 1, w + 1), np.float64)
+        integral[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+        out = np.zeros((grid.rows, grid.columns))
+        for x, y, tw, th in grid.cores():
+            x0, y0 = min(w, int(x * scale)), min(h, int(y * scale))
+            x1, y1 = min(w, max(x0 + 1, round((x + tw) * scale))), min(h, max(y0 + 1, round((y + th) * scale)))
+            area = (x1 - x0) * (y1 - y0)
+            if area <= 0:
+                continue
+            s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+            out[y // grid.tile_size, x // grid.tile_size] = s / area
+        return out
+
+
+def detect_tissue(slide: Slide, settings: TissueSettings, background: float = 255.0) -> TissueMask:
+    """Find tissue on a low-resolution read of ``slide``."""
+    mpp = max(settings.mpp, slide.mpp)
+    grid = slide.grid(mpp, tile_size=1 << 30)
+    rgb, _ = slide.read_at_mpp(mpp, 0, 0, grid.width, grid.height)
+    return tissue_from_rgb(rgb, mpp, settings, background)
+
+
+def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, background: float = 255.0) -> TissueMask:
+    mask, _ = _threshold(rgb, background, settings)
+    glass = _glass_rgb(rgb, mask)
+    if glass is not None:
+        mask, threshold = _threshold(rgb, glass, settings)
+    else:
+        mask, threshold = _threshold(rgb, background, settings)
+    radius = round(settings.close_um / mpp)
+    if radius > 0:
+        yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+        disk = xx * xx + yy * yy <= radius * radius
+        padded = np.pad(mask, radius)
+        mask = ndimage.binary_closing(padded, structure=disk)[radius:-radius, radius:-radius]
+    min_px = settings.min_region_um2 / (mpp * mpp)
+    if min_px > 1 and mask.any():
+        labels, n = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= min_px
+        keep[0] = False
+        mask = keep[labels]
+    return TissueMask(mask=mask, mpp=mpp, threshold_od=threshold, glass_rgb=glass)
+
+
+def _threshold(
+    rgb: np.ndarray, white: float | tuple[float, float, float], settings: TissueSettings
+) -> tuple[np.ndarray, float]:
+    od = ndimage.gaussian_filter(rgb_to_od(rgb, white).sum(axis=-1), 1.0)
+    try:
+        otsu = float(threshold_otsu(od))
+    except ValueError:  # a constant image
+        otsu = settings.min_od
+    threshold = float(np.clip(otsu, settings.min_od, settings.max_od))
+    return od > threshold, threshold
+
+
+def _glass_rgb(rgb: np.ndarray, tissue: np.ndarray) -> tuple[float, float, float] | None:
+    """Median colour of pixels well away from tissue (the slide's white level)."""
+    glass = ~ndimage.binary_dilation(tissue, iterations=3)
+    # Dark non-tissue (pen marks, label edges, out-of-slide black) is not glass.
+    bright = rgb.min(axis=-1) >= 150
+    pixels = rgb[glass & bright]
+    if pixels.shape[0] < max(100, 0.01 * tissue.size):
+        return None
+    r, g, b = np.median(pixels, axis=0)
+    return float(r), float(g), float(b)
