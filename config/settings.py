@@ -66,7 +66,7 @@ class TissueSettings(_Frozen):
     min_od: float = Field(0.05, ge=0, description="lower bound of the Otsu threshold (OD sum above glass)")
     max_od: float = Field(0.1, gt=0, description="upper bound of the Otsu threshold (OD sum above glass)")
     min_region_um2: float = Field(20_000.0, ge=0, description="tissue pieces smaller than this are dropped")
-    close_um: float = Field(32.0, ge=0, description="closing radius that fills gaps between cells")
+    close_um: float = Field(16.0, ge=0, description="closing radius that fills gaps between cells")
     min_tile_tissue: float = Field(0.01, ge=0, le=1, description="keep tiles with at least this tissue fraction")
 
 
@@ -127,13 +127,14 @@ class SegmentationSettings(_Frozen):
     """Tumour–stroma segmentation into tumour / stroma / fat-background / other."""
 
     method: Literal["builtin", "model"] = "builtin"
-    grid_um: float = Field(32.0, gt=0, description="builtin: feature grid cell size")
-    smooth_um: float = Field(40.0, ge=0, description="builtin: Gaussian smoothing of features")
-    tumour_density_per_mm2: float = Field(
-        3500.0,
+    grid_um: float = Field(16.0, gt=0, description="builtin: feature grid cell size")
+    smooth_um: float = Field(24.0, ge=0, description="builtin: Gaussian smoothing of features")
+    tumour_nuclear_fraction: float = Field(
+        0.12,
         gt=0,
-        description="builtin: nuclei/mm² above which tissue is called tumour (midway between typical"
-        " carcinoma, ~6000/mm², and stroma, ~1000/mm²)",
+        lt=1,
+        description="builtin: fraction of tissue area covered by nuclei above which it is tumour"
+        " (carcinoma ~0.2-0.35, stroma ~0.03-0.05)",
     )
     tumour_min_nucleus_um2: float = Field(
         25.0, ge=0, description="builtin: mean nuclear area (µm²) a tumour region must reach"

@@ -87,9 +87,7 @@ def her2_category(membrane_class: np.ndarray, complete: np.ndarray) -> dict[str,
     return {"category": "0", "zero_subtype": "ultralow" if any_stained > 0 else "null", **detail}
 
 
-def compartment_summary(
-    classes: np.ndarray, area_mm2: float, pixel_counts: Counts | None = None
-) -> dict[str, Any]:
+def compartment_summary(classes: np.ndarray, area_mm2: float, pixel_counts: Counts | None = None) -> dict[str, Any]:
     """Counts by class, cell and pixel H-score, % positive, area, cellularity."""
     counts = np.bincount(classes.astype(np.int64), minlength=4)[:4] if classes.size else np.zeros(4, int)
     out: dict[str, Any] = {

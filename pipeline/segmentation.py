@@ -5,12 +5,12 @@ Two methods behind one result type (:class:`CompartmentMap`):
 ``builtin`` (no model file)
     An honest, documented rule on low-magnification *nuclear crowding*, not
     a trained network. Detected nuclei are binned on a grid (``grid_um``);
-    density (nuclei/mm²) and mean nuclear area are smoothed (``smooth_um``)
-    and tissue is called tumour where the density exceeds
-    ``tumour_density_per_mm2`` and the mean nuclear area reaches
-    ``tumour_min_nucleus_um2`` (carcinoma nests are crowded with large
-    nuclei; stroma is sparse; lymphocyte-rich stroma is crowded but its
-    nuclei are small). Non-tissue is fat/background; the rest of the tissue
+    their summed area and count are smoothed (``smooth_um``) and tissue is
+    called tumour where nuclei cover at least ``tumour_nuclear_fraction`` of
+    the tissue area and the mean nuclear area reaches
+    ``tumour_min_nucleus_um2`` (carcinoma is crowded with large nuclei,
+    ~20–35 % of its area; stroma is sparse, ~3–5 %; lymphocyte-rich stroma is
+    crowded but its nuclei are small). Non-tissue is fat/background; the rest of the tissue
     is stroma. It knows nothing of necrosis, in-situ disease or normal
     epithelium, which it will call tumour when crowded: for those, train a
     model.
@@ -93,9 +93,11 @@ def builtin_segmentation(
         tissue_frac = ndimage.gaussian_filter(tissue_frac, sigma)
     cell_mm2 = (grid / 1000.0) ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
-        density = counts / (np.maximum(tissue_frac, 1e-3) * cell_mm2)
+        nuclear_fraction = area_sum / (np.maximum(tissue_frac, 1e-3) * cell_mm2 * 1e6)
         mean_area = np.where(counts > 1e-6, area_sum / counts, 0.0)
-    tumour_grid = (density >= settings.tumour_density_per_mm2) & (mean_area >= settings.tumour_min_nucleus_um2)
+    tumour_grid = (nuclear_fraction >= settings.tumour_nuclear_fraction) & (
+        mean_area >= settings.tumour_min_nucleus_um2
+    )
     # Back to the tissue-mask resolution (bilinear on the score keeps edges smooth).
     score = ndimage.zoom(tumour_grid.astype(np.float32), (h / gh, w / gw), order=1, grid_mode=True, mode="nearest")
     tumour = _fit(score, (h, w)) >= 0.5

@@ -44,3 +44,16 @@ def small_slide(tmp_path_factory: pytest.TempPathFactory) -> SynthOutput:
     """A 1000x760 synthetic slide written as DICOM, OME-TIFF and SVS (one render)."""
     out = tmp_path_factory.mktemp("synth")
     return generate(SMALL_SPEC, out, workers=1)
+
+
+ACCURACY_SPECS = {
+    "typical": SynthSpec(width=2048, height=2048, mpp=0.5, seed=21, tumour_fraction=0.4),
+    "low_tumour": SynthSpec(width=2048, height=2048, mpp=0.5, seed=22, tumour_fraction=0.05),
+}
+
+
+@pytest.fixture(scope="session")
+def accuracy_slides(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SynthOutput]:
+    """Two 2048² synthetic slides (40 % and 5 % tumour) as OME-TIFF with truth."""
+    out = tmp_path_factory.mktemp("accuracy")
+    return {name: generate(spec, out / name, formats=("ome",), workers=2) for name, spec in ACCURACY_SPECS.items()}

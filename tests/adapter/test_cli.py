@@ -72,3 +72,42 @@ def test_console_script_demo_runs(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("size        2048 x 2048") == 3  # DICOM, OME-TIFF and SVS read back
     assert "ground truth: tumour fraction" in run.stdout
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "ome", "svs"])
+def test_score_every_format(
+    fmt: str, small_slide: SynthOutput, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = {"dicom": small_slide.dicom_dir, "ome": small_slide.ome_tiff, "svs": small_slide.svs}[fmt]
+    out = tmp_path / "r.json"
+    assert main(["score", str(path), "--profile", "ki67", "--json", str(out), "--workers", "1"]) == 0
+    j = json.loads(out.read_text())
+    assert j["profile"] == "ki67" and j["compartments"]["tumour"]["cells"] > 50
+    assert "ki67_index_percent" in j["scores"]
+    assert "H-score" in capsys.readouterr().out
+
+
+def test_score_same_result_from_every_format(small_slide: SynthOutput, tmp_path: Path) -> None:
+    results = []
+    for path in (small_slide.dicom_dir, small_slide.ome_tiff, small_slide.svs):
+        out = tmp_path / "r.json"
+        assert main(["score", str(path), "--profile", "hscore", "--json", str(out), "--workers", "1"]) == 0
+        results.append(json.loads(out.read_text())["compartments"])
+    assert results[0] == results[1] == results[2]
+
+
+def test_score_bad_setting_and_profile(small_slide: SynthOutput, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["score", str(small_slide.ome_tiff), "--set", "nuclei.sigma_um=-2"]) == 2
+    assert "nuclei.sigma_um=-2" in capsys.readouterr().err
+    assert main(["score", str(small_slide.ome_tiff), "--profile", "nope"]) == 2
+    assert "unknown profile" in capsys.readouterr().err
+
+
+def test_score_real_ki67(tmp_path: Path) -> None:
+    path = shared_file("OS-2-vsi.ome.tif")
+    out = tmp_path / "os2.json"
+    assert main(["score", str(path), "--profile", "ki67", "--json", str(out), "--workers", "1"]) == 0
+    j = json.loads(out.read_text())
+    # A Ki-67 stained tumour: hundreds of nuclei, a minority of them brown.
+    assert 500 < j["compartments"]["tissue"]["cells"] < 2000
+    assert 5 < j["scores"]["ki67_index_percent"] < 40

@@ -1,0 +1,94 @@
+"""End-to-end accuracy on synthetic slides with ground truth (numbers reported in the README)."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.spatial import cKDTree
+
+from adapter.synth import SynthOutput
+from config.settings import load_settings
+from dicom_io import open_slide
+from pipeline.analysis import SlideResult, analyse
+from pipeline.segmentation import TUMOUR
+
+
+@pytest.fixture(scope="module")
+def results(accuracy_slides: dict[str, SynthOutput]) -> dict[str, SlideResult]:
+    out = {}
+    for name, slide_out in accuracy_slides.items():
+        assert slide_out.ome_tiff
+        opener = functools.partial(open_slide, slide_out.ome_tiff)
+        with opener() as slide:
+            out[name] = analyse(slide, load_settings("ki67", ["tiling.workers=2"]), opener=opener)
+    return out
+
+
+def _match(result: SlideResult, out: SynthOutput) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    truth = dict(np.load(out.truth_dir / "cells.npz"))
+    mpp0 = out.truth["spec"]["mpp"]
+    t = np.stack([truth["x_px"] * mpp0, truth["y_px"] * mpp0], 1)
+    f = np.stack([result.cells["x_um"], result.cells["y_um"]], 1)
+    d, j = cKDTree(t).query(f, distance_upper_bound=4.0)
+    return d, j, truth
+
+
+@pytest.mark.parametrize("name", ["typical", "low_tumour"])
+def test_cell_detection_f1_and_class_accuracy(
+    name: str, results: dict[str, SlideResult], accuracy_slides: dict[str, SynthOutput]
+) -> None:
+    r, out = results[name], accuracy_slides[name]
+    d, j, truth = _match(r, out)
+    ok = np.isfinite(d)
+    tp = len(set(j[ok]))
+    precision, recall = tp / len(d), tp / len(truth["x_px"])
+    f1 = 2 * precision * recall / (precision + recall)
+    assert f1 >= 0.9, (precision, recall)
+    accuracy = (r.cells["intensity_class"][ok] == truth["intensity_class"][j[ok]]).mean()
+    assert accuracy >= 0.9
+
+
+def test_compartment_h_scores_and_tumour_iou(
+    results: dict[str, SlideResult], accuracy_slides: dict[str, SynthOutput]
+) -> None:
+    r, out = results["typical"], accuracy_slides["typical"]
+    for compartment in ("tumour", "stroma", "tissue"):
+        expected = out.truth["compartments"][compartment]["h_score"]
+        assert abs(r.compartment_stats[compartment]["h_score"] - expected) <= 10, compartment
+    truth = np.array(Image.open(out.truth_dir / "compartments.png"))
+    step_um = out.truth["truth_step_px"] * out.truth["spec"]["mpp"]
+    yy, xx = np.indices(truth.shape)
+    predicted = r.compartments.lookup((xx + 0.5) * step_um, (yy + 0.5) * step_um)
+    t, p = truth == TUMOUR, predicted == TUMOUR
+    assert (t & p).sum() / (t | p).sum() >= 0.8
+    assert abs(r.tumour_fraction - out.truth["tumour_fraction"]) < 0.1
+
+
+def test_low_tumour_alert_exactly_on_the_low_tumour_slide(results: dict[str, SlideResult]) -> None:
+    assert "LOW_TUMOUR" in [a["code"] for a in results["low_tumour"].alerts]
+    assert "LOW_TUMOUR" not in [a["code"] for a in results["typical"].alerts]
+
+
+def test_json_has_the_documented_keys(results: dict[str, SlideResult]) -> None:
+    j = results["typical"].to_json()
+    assert {"profile", "slide", "tumour_fraction", "compartments", "scores", "alerts", "timings"} <= set(j)
+    for c in ("tumour", "stroma", "tissue"):
+        assert {"cells", "negative", "1+", "2+", "3+", "h_score", "positive_percent", "area_mm2"} <= set(
+            j["compartments"][c]
+        )
+    assert j["profile"] == "ki67" and "ki67_index_percent" in j["scores"]
+
+
+def test_process_pool_and_inline_agree(
+    accuracy_slides: dict[str, SynthOutput], results: dict[str, SlideResult]
+) -> None:
+    out = accuracy_slides["low_tumour"]
+    assert out.ome_tiff
+    with open_slide(out.ome_tiff) as slide:
+        inline = analyse(slide, load_settings("ki67", ["tiling.workers=1"]))
+    pooled = results["low_tumour"]
+    assert inline.compartment_stats == pooled.compartment_stats
+    assert np.array_equal(inline.cells["x_um"], pooled.cells["x_um"])

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.stains import StainMatrix, angle_deg, deconvolve, estimate_macenko, rgb_to_od
+
+
+def test_deconvolution_recovers_painted_concentrations() -> None:
+    stains = StainMatrix()
+    rng = np.random.default_rng(0)
+    conc = np.zeros((64, 64, 3))
+    conc[..., 0] = rng.uniform(0, 0.8, (64, 64))
+    conc[..., 1] = rng.uniform(0, 0.8, (64, 64))
+    rgb = np.clip(np.rint(stains.concentrations_to_rgb(conc)), 0, 255).astype(np.uint8)
+    out = deconvolve(rgb, stains)
+    # 8-bit quantisation limits the precision at high OD.
+    assert np.abs(out[..., 0] - conc[..., 0]).mean() < 0.01
+    assert np.abs(out[..., 1] - conc[..., 1]).mean() < 0.01
+
+
+def test_od_of_white_is_zero_and_background_is_per_channel() -> None:
+    px = np.array([[[255, 255, 255], [240, 230, 250]]], np.uint8)
+    assert np.allclose(rgb_to_od(px)[0, 0], 0)
+    od = rgb_to_od(px, (240.0, 230.0, 250.0))
+    assert np.allclose(od[0, 1], 0)
+    assert rgb_to_od(np.zeros((1, 1, 3), np.uint8))[0, 0, 0] == pytest.approx(np.log10(255))
+
+
+def test_macenko_recovers_rotated_vectors_and_falls_back() -> None:
+    ref = StainMatrix()
+    true = StainMatrix(hematoxylin=(0.55, 0.75, 0.37), dab=(0.3, 0.52, 0.8))
+    rng = np.random.default_rng(1)
+    conc = np.zeros((20000, 3))
+    conc[:10000, 0] = rng.uniform(0.1, 0.7, 10000)
+    conc[10000:, 1] = rng.uniform(0.1, 0.7, 10000)
+    conc[:, :2] += rng.uniform(0, 0.05, (20000, 2))
+    od = conc @ true.matrix()
+    est, status = estimate_macenko(od, ref)
+    assert status == "estimated"
+    assert angle_deg(est.hematoxylin, true.hematoxylin) < 3
+    assert angle_deg(est.dab, true.dab) < 3
+    same, why = estimate_macenko(od[:10], ref)
+    assert same is ref and "stained pixels" in why
+    green = np.tile([[0.0, 0.5, 0.0], [0.5, 0.0, 0.0]], (1000, 1)) + rng.uniform(0, 0.05, (2000, 3))
+    same, why = estimate_macenko(green, ref, max_angle_deg=10)
+    assert same is ref and "kept default" in why
