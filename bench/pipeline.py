@@ -1,0 +1,162 @@
+"""Speed and memory of the scoring pipeline on a large synthetic slide.
+
+    python bench/pipeline.py                      # 40000² slide (≥ 1 gigapixel of tissue at 0.5 µm/px)
+    python bench/pipeline.py --size 8192 8192 --profile hscore
+    python bench/pipeline.py --slide my_slide.svs  # any slide instead of a synthetic one
+
+Prints, from one run: the JPEG decode rate of the slide's own tiles (the
+ceiling), each stage's MP/s per core, end-to-end MP/s of tissue, a naive
+scikit-image watershed on a sample of the same tiles and the ratio, and the
+peak RSS. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config.settings import load_settings
+from dicom_io import open_slide
+from pipeline.analysis import analyse
+from pipeline.stains import StainMatrix, deconvolve
+
+
+def _slide(args: argparse.Namespace) -> Path:
+    if args.slide:
+        return Path(args.slide)
+    from adapter.synth import generate
+    from pipeline.synth import SynthSpec
+
+    spec = SynthSpec(width=args.size[0], height=args.size[1], seed=1)
+    out = Path(args.workdir) / f"synth-{spec.width}x{spec.height}"
+    path = out / f"synthetic-{spec.seed}.ome.tif"
+    truth = out / "truth" / "truth.json"
+    if not (path.exists() and truth.exists() and json.loads(truth.read_text())["spec"] == spec.model_dump()):
+        print(f"generating {spec.width}x{spec.height} synthetic slide in {out} ...", flush=True)
+        generate(spec, out, formats=("ome",), workers=args.workers)
+    return path
+
+
+def _decode_mps(path: Path, tiles: int) -> float:
+    """Single-core decode rate of the slide's level-0 tiles (MP/s)."""
+    import tifffile
+
+    if path.is_dir() or path.suffix == ".dcm":
+        return float("nan")
+    with tifffile.TiffFile(path) as tf:
+        page = tf.series[0].levels[0].keyframe
+        fh = tf.filehandle
+        offsets, counts = page.dataoffsets, page.databytecounts
+        pick = np.linspace(len(offsets) // 4, 3 * len(offsets) // 4, min(tiles, len(offsets))).astype(int)
+        raw = []
+        for i in pick:
+            fh.seek(offsets[i])
+            raw.append(fh.read(counts[i]))
+        t = time.perf_counter()
+        pixels = 0
+        for data in raw:
+            out = page.decode(data, 0)[0]
+            pixels += out.shape[-2] * out.shape[-3] if out.ndim >= 3 else out.size
+    return pixels / 1e6 / (time.perf_counter() - t)
+
+
+def _baseline(path: Path, mpp: float, tiles: int, tile_size: int) -> float:
+    """Naive scikit-image pipeline (threshold → distance → peaks → watershed) on sample tiles, MP/s/core."""
+    from scipy import ndimage
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    stains = StainMatrix()
+    with open_slide(path) as slide:
+        grid = slide.grid(mpp, tile_size)
+        cores = list(grid.cores())
+        pick = np.linspace(len(cores) // 4, 3 * len(cores) // 4, min(tiles, len(cores))).astype(int)
+        images = [slide.read_at_mpp(mpp, *cores[i])[0] for i in pick]
+    t = time.perf_counter()
+    pixels = 0
+    for rgb in images:
+        h = deconvolve(rgb, stains)[..., 0]
+        fg = ndimage.gaussian_filter(h, 3) > 0.1
+        dist = ndimage.distance_transform_edt(fg)
+        peaks = peak_local_max(dist, min_distance=6, labels=ndimage.label(fg)[0])
+        markers = np.zeros(fg.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        watershed(-dist, markers, mask=fg)
+        pixels += rgb.shape[0] * rgb.shape[1]
+    return pixels / 1e6 / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, nargs=2, default=(40000, 40000))
+    p.add_argument("--slide", help="benchmark this slide instead of a synthetic one")
+    p.add_argument("--profile", default="ki67")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--workdir", default="/tmp/ihc-adapter-bench")
+    p.add_argument("--sample-tiles", type=int, default=64)
+    a = p.parse_args()
+
+    path = _slide(a)
+    settings = load_settings(a.profile, [f"tiling.workers={a.workers}"])
+    mpp = settings.nuclei.requested_pixel_size_um
+    decode = _decode_mps(path, 4 * a.sample_tiles)
+    baseline = _baseline(path, mpp, a.sample_tiles, settings.tiling.tile_size)
+    rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    opener = functools.partial(open_slide, path)
+    t = time.perf_counter()
+    with opener() as slide:
+        result = analyse(slide, settings, opener=opener, progress=sys.stderr.isatty())
+    wall = time.perf_counter() - t
+    tm = result.timings
+    tissue_mpx = tm["tissue_mpx"]
+    stages = {
+        name: tissue_mpx / tm[f"tiles_{name}_cpu"] if tm[f"tiles_{name}_cpu"] > 0 else None
+        for name in ("read", "deconvolution", "cells", "measure")
+    }
+    main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    e2e = tissue_mpx / wall
+    print(f"slide              {path}")
+    print(f"tissue             {tissue_mpx:.0f} MP at {mpp} µm/px in {len(result.cells['x_um'])} cells")
+    print(f"JPEG decode        {decode:.1f} MP/s per core (ceiling: {decode * a.workers:.1f} MP/s on {a.workers})")
+    for name, mps in stages.items():
+        print(f"stage {name:<13}{mps:.1f} MP/s per core" if mps else f"stage {name:<13}-")
+    print(f"end to end         {e2e:.2f} MP/s of tissue on {a.workers} workers ({wall:.0f} s)")
+    print(f"baseline watershed {baseline:.2f} MP/s per core; cell stage / baseline = {stages['cells'] / baseline:.2f}")
+    print(f"peak RSS           main {main_mb:.0f} MB, largest worker {child_mb:.0f} MB")
+    print(
+        json.dumps(
+            {
+                "slide": str(path),
+                "profile": a.profile,
+                "workers": a.workers,
+                "tissue_mpx": round(tissue_mpx, 1),
+                "cells": len(result.cells["x_um"]),
+                "decode_mps": round(decode, 2),
+                "stage_mps_per_core": {k: round(v, 2) if v else None for k, v in stages.items()},
+                "end_to_end_mps": round(e2e, 2),
+                "baseline_mps": round(baseline, 2),
+                "cells_vs_baseline": round(stages["cells"] / baseline, 2) if stages["cells"] else None,
+                "end_to_end_vs_baseline_on_all_cores": round(e2e / (baseline * a.workers), 2),
+                "wall_s": round(wall, 1),
+                "peak_rss_mb": round(max(main_mb, rss_before_mb), 1),
+                "peak_rss_worker_mb": round(child_mb, 1),
+                "peak_rss_total_bound_mb": round(main_mb + a.workers * child_mb, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
