@@ -102,13 +102,13 @@ def _opening_background(det: np.ndarray, radius_px: float) -> np.ndarray:
     """
     f = 4 if radius_px >= 8 else 1
     if f == 1:
-        size = 2 * max(1, int(round(radius_px))) + 1
+        size = 2 * max(1, round(radius_px)) + 1
         return ndimage.maximum_filter(ndimage.minimum_filter(det, size), size)
     h, w = det.shape
     ph, pw = -h % f, -w % f
     padded = np.pad(det, ((0, ph), (0, pw)), mode="edge")
     small = padded.reshape((h + ph) // f, f, (w + pw) // f, f).min(axis=(1, 3))
-    size = 2 * max(1, int(round(radius_px / f))) + 1
+    size = 2 * max(1, round(radius_px / f)) + 1
     opened = ndimage.maximum_filter(ndimage.minimum_filter(small, size), size)
     return np.repeat(np.repeat(opened, f, axis=0), f, axis=1)[:h, :w]
 
