@@ -157,9 +157,20 @@ def cmd_score(args: argparse.Namespace) -> int:
     opener = functools.partial(open_slide, source, args.mpp)
     with opener() as slide:
         result = analyse(slide, settings, opener=opener, progress=sys.stderr.isatty())
+        written = None
+        if args.out:
+            from dicom_io.results import write_results
+
+            written = write_results(result, slide, Path(args.out))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     print(_summary(result))
+    if written is not None:
+        print(f"  results    {written.json}")
+        for kind, paths in written.dicom.items():
+            print(f"  DICOM {kind:<4} {len(paths)} file(s) in {paths[0].parent}")
+        for kind, path in written.ome.items():
+            print(f"  {kind:<10} {path}")
     return 0
 
 
@@ -198,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. nuclei.threshold=0.2"
     )
     score.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
+    score.add_argument("--out", metavar="DIR", help="write results: DICOM SEG/SR/annotations/KOS or OME-TIFF + CSV")
     score.add_argument("--mpp", type=float, help="µm/px of the finest level, for files that lack it")
     score.add_argument("--workers", type=int, help="tile processes (default: all cores)")
     score.set_defaults(func=cmd_score)

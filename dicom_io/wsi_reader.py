@@ -91,6 +91,8 @@ class DicomWsiSlide(Slide):
         files = collect_dicom_files(source)
         name = source if isinstance(source, Path) else files[0]
         volumes = self._check_headers(name, files)
+        #: The pyramid (VOLUME) instances, for writers that need the source headers.
+        self.files = [p for p, _ in volumes]
         first = volumes[0][1]
         try:
             self._wsi = WsiDicom.open([p for p, _ in volumes])

@@ -1,0 +1,82 @@
+"""Microscopy Bulk Simple Annotations: one POINT per detected cell.
+
+One annotation group per compartment and intensity class (tumour negative,
+tumour 1+, …, stroma 3+), centroids in the total pixel matrix of the finest
+source level (2D, float32, one ``(1, 2)`` array per cell), each cell carrying
+its DAB OD (the value it was classed by) as a measurement.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.codedict import codes
+
+from dicom_io.seg import SEGMENTS, level_mpp
+from dicom_io.sm_image import SOFTWARE_NAME, software_version
+from dicom_io.sr import SCHEME, declare_private_scheme
+from pipeline.analysis import SlideResult
+from pipeline.nuclei import intensity_value
+
+CLASS_NAMES = ("negative", "1+", "2+", "3+")
+ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("91723000", "SCT", "Anatomical structure")
+CELL = hd.sr.CodedConcept("4421005", "SCT", "Cell")
+DAB_OD = hd.sr.CodedConcept("DAB-OD", SCHEME, "DAB optical density")
+OD_UNIT = hd.sr.CodedConcept("1", "UCUM", "no units")
+
+
+def build_annotations(
+    result: SlideResult, volumes: list[pydicom.Dataset], series_number: int = 300
+) -> hd.ann.MicroscopyBulkSimpleAnnotations:
+    """Cell centroids grouped by compartment and class, on the finest source level."""
+    base = volumes[0]
+    mpp = level_mpp(base)
+    cells = result.cells
+    values = intensity_value(cells, result.settings.intensity).astype(np.float32)
+    # Total pixel matrix coordinates: (column, row), pixel centres at +0.5.
+    xy = np.stack([cells["x_um"] / mpp, cells["y_um"] / mpp], axis=1).astype(np.float32)
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"{SOFTWARE_NAME} cell detection", version=software_version(), family=codes.cid7162.EdgeDetection
+    )
+    groups = []
+    number = 0
+    for spec in SEGMENTS:
+        in_comp = cells["compartment"] == spec.label
+        for k, cls_name in enumerate(CLASS_NAMES):
+            sel = np.flatnonzero(in_comp & (cells["intensity_class"] == k))
+            if sel.size == 0:
+                continue
+            number += 1
+            groups.append(
+                hd.ann.AnnotationGroup(
+                    number=number,
+                    uid=hd.UID(),
+                    label=f"{spec.name} {cls_name}",
+                    annotated_property_category=ANATOMICAL_STRUCTURE,
+                    annotated_property_type=CELL,
+                    graphic_type=hd.ann.GraphicTypeValues.POINT,
+                    graphic_data=[xy[i : i + 1] for i in sel],
+                    algorithm_type=hd.ann.AnnotationGroupGenerationTypeValues.AUTOMATIC,
+                    algorithm_identification=algorithm,
+                    measurements=[hd.ann.Measurements(name=DAB_OD, values=values[sel], unit=OD_UNIT)],
+                    description=f"{cls_name} cells in {spec.name}",
+                )
+            )
+    ann = hd.ann.MicroscopyBulkSimpleAnnotations(
+        source_images=[base],
+        annotation_coordinate_type=hd.ann.AnnotationCoordinateTypeValues.SCOORD,
+        annotation_groups=groups,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=SOFTWARE_NAME,
+        manufacturer_model_name=f"{SOFTWARE_NAME} cells",
+        software_versions=software_version(),
+        device_serial_number="0",
+        content_label="CELLS",
+        content_description=f"{result.profile} cells by compartment and class",
+    )
+    declare_private_scheme(ann)
+    return ann

@@ -1,0 +1,92 @@
+"""Write a scored slide's results: the DICOM set for DICOM sources, the OME set otherwise.
+
+DICOM (same Study and Frame of Reference as the slide, a new Series per
+object type): SEG pyramid, TID 1500 measurement SR, bulk cell annotations,
+and a review KOS when an alert fired. Files are named only from UIDs,
+checked to be UIDs, under ``out_dir/<StudyInstanceUID>/<SeriesInstanceUID>/``.
+Every source also gets ``result.json``; non-DICOM sources get
+``compartments.ome.tif`` and ``cells.csv``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+
+from config.errors import SlideReadError
+from dicom_io.ann import build_annotations
+from dicom_io.ko import build_review_flag
+from dicom_io.ome_results import write_cell_table, write_json, write_label_ome_tiff
+from dicom_io.seg import build_segmentations, read_headers
+from dicom_io.sr import build_measurement_report
+from dicom_io.wsi_reader import DicomWsiSlide
+from pipeline.analysis import SlideResult
+from pipeline.slide import Slide
+
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass
+class WrittenResults:
+    json: Path
+    dicom: dict[str, list[Path]] = field(default_factory=dict)
+    ome: dict[str, Path] = field(default_factory=dict)
+
+    def all_dicom(self) -> list[Path]:
+        return [p for paths in self.dicom.values() for p in paths]
+
+
+def uid_path(root: Path, ds: pydicom.Dataset) -> Path:
+    """``root/<study>/<series>/<sop instance>.dcm``, refusing anything that is not a UID."""
+    parts = [str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)]
+    for part in parts:
+        if not _UID.match(part) or len(part) > 64:
+            raise SlideReadError(root, f"refusing to build a path from a non-UID value {part!r}")
+    return root.joinpath(parts[0], parts[1], f"{parts[2]}.dcm")
+
+
+def save(ds: pydicom.Dataset, root: Path) -> Path:
+    path = uid_path(root, ds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if "PatientOrientation" not in ds and ds.get("Modality") == "SEG":
+        ds.PatientOrientation = ""  # Type 2C of General Image for slide-coordinate images
+    tmp = path.with_suffix(".part")
+    ds.save_as(tmp, enforce_file_format=True)
+    tmp.replace(path)
+    return path
+
+
+def write_results(result: SlideResult, slide: Slide, out_dir: Path) -> WrittenResults:
+    """Write every result object for ``slide`` under ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = WrittenResults(json=out_dir / "result.json")
+    if isinstance(slide, DicomWsiSlide):
+        volumes = read_headers(slide.files)
+        segs = build_segmentations(result.compartments, volumes)
+        written.dicom["seg"] = [save(seg, out_dir) for seg in segs]
+        report = build_measurement_report(result, volumes, segs[0])
+        written.dicom["sr"] = [save(report, out_dir)]
+        written.dicom["ann"] = [save(build_annotations(result, volumes), out_dir)]
+        kos = build_review_flag(result, report, volumes[0])
+        if kos is not None:
+            written.dicom["ko"] = [save(kos, out_dir)]
+    else:
+        lv0 = slide.levels[0]
+        written.ome["labels"] = write_label_ome_tiff(result, out_dir / "compartments.ome.tif")
+        written.ome["cells"] = write_cell_table(result, out_dir / "cells.csv", (lv0.mpp_x, lv0.mpp_y))
+    write_json(
+        result,
+        written.json,
+        {
+            "outputs": {k: [str(p) for p in v] for k, v in written.dicom.items()}
+            | {k: str(p) for k, p in written.ome.items()}
+        },
+    )
+    log.info("wrote results for %s to %s", slide.path, out_dir)
+    return written

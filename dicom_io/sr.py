@@ -1,0 +1,218 @@
+"""Comprehensive 3D SR: the TID 1500 measurement report of a scored slide.
+
+One measurement group (TID 1411) per compartment segment, referencing its
+segment in the SEG directly (highdicom's ``from_segmentation`` helper fails
+on tiled SEGs, whose Derivation Image Sequence is empty), and one slide-level
+group (TID 1501) with the tumour fraction, the profile's clinical score and
+the alerts as qualitative evaluations. Concepts without a standard code use
+the private scheme :data:`SCHEME`, declared in the document's Coding Scheme
+Identification Sequence. The report is UNVERIFIED and PRELIMINARY: it waits
+for a pathologist.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import highdicom as hd
+import pydicom
+from pydicom.sr.codedict import codes
+
+from dicom_io.seg import SEGMENTS
+from dicom_io.sm_image import SOFTWARE_NAME, software_version
+from pipeline.analysis import SlideResult
+
+log = logging.getLogger(__name__)
+
+#: Private coding scheme for concepts no standard terminology covers.
+SCHEME = "99IHCADPT"
+SCHEME_NAME = "ihc-adapter private concepts"
+CodedConcept = hd.sr.CodedConcept
+
+
+def _private(value: str, meaning: str) -> CodedConcept:
+    return CodedConcept(value, SCHEME, meaning)
+
+
+PROCEDURE = CodedConcept("117617002", "SCT", "Immunohistochemistry procedure")
+AREA = CodedConcept("42798000", "SCT", "Area")
+H_SCORE = _private("H-SCORE", "H-score")
+PIXEL_H_SCORE = _private("PIXEL-H-SCORE", "Pixel H-score")
+POSITIVE_PERCENT = _private("POS-PCT", "Positive cells percentage")
+CLASS_PERCENT = {k: _private(f"PCT-{k}", f"Cells {k} percentage") for k in ("1+", "2+", "3+")}
+CELL_COUNT = {k: _private(f"N-{k.upper()}", f"{k} cell count") for k in ("negative", "1+", "2+", "3+")}
+TOTAL_CELLS = _private("N-CELLS", "Cell count")
+CELLULARITY = _private("CELLULARITY", "Cells per area")
+TUMOUR_FRACTION = _private("TUMOUR-FRACTION", "Tumour area fraction of tissue")
+TISSUE_AREA = _private("TISSUE-AREA", "Tissue area")
+KI67_INDEX = _private("KI67-INDEX", "Ki-67 proliferation index")
+ALLRED = {
+    "proportion": _private("ALLRED-PS", "Allred proportion score"),
+    "intensity": _private("ALLRED-IS", "Allred intensity score"),
+    "total": _private("ALLRED-TS", "Allred total score"),
+}
+TPS = _private("PDL1-TPS", "PD-L1 tumour proportion score")
+RECEPTOR_STATUS = _private("RECEPTOR-STATUS", "Hormone receptor status")
+HER2_SCORE = _private("HER2-IHC", "HER2 IHC score")
+INSUFFICIENT_SAMPLE = CodedConcept("281268007", "SCT", "Insufficient sample")
+ALERT_VALUES = {
+    "NO_TUMOUR": _private("NO-TUMOUR", "No tumour found"),
+    "FEW_TUMOUR_CELLS": _private("FEW-TUMOUR-CELLS", "Too few tumour cells to score"),
+    "LITTLE_TISSUE": _private("LITTLE-TISSUE", "Little tissue"),
+    "HER2_EQUIVOCAL": _private("HER2-EQUIVOCAL", "HER2 equivocal, reflex ISH indicated"),
+    "NEAR_CUTOFF": _private("NEAR-CUTOFF", "Result near a clinical cut-off"),
+    "LOW_POSITIVE": _private("LOW-POSITIVE", "Low positive"),
+    "LOW_TUMOUR": INSUFFICIENT_SAMPLE,
+}
+PERCENT = CodedConcept("%", "UCUM", "percent")
+MM2 = CodedConcept("mm2", "UCUM", "square millimeter")
+PER_MM2 = CodedConcept("/mm2", "UCUM", "per square millimeter")
+ONE = CodedConcept("1", "UCUM", "no units")
+CELLS = CodedConcept("{cells}", "UCUM", "cells")
+
+
+def _m(name: CodedConcept, value: float | None, unit: CodedConcept) -> hd.sr.Measurement | None:
+    return None if value is None else hd.sr.Measurement(name=name, value=float(value), unit=unit)
+
+
+def compartment_measurements(stats: dict[str, Any]) -> list[hd.sr.Measurement]:
+    """H-score, % positive, % per class, counts, area and cellularity of one compartment."""
+    n = stats["cells"]
+    items = [
+        _m(H_SCORE, stats["h_score"], ONE),
+        _m(PIXEL_H_SCORE, stats.get("pixel_h_score"), ONE),
+        _m(POSITIVE_PERCENT, stats["positive_percent"], PERCENT),
+        *(_m(CLASS_PERCENT[k], 100.0 * stats[k] / n if n else None, PERCENT) for k in ("1+", "2+", "3+")),
+        _m(TOTAL_CELLS, n, CELLS),
+        *(_m(CELL_COUNT[k], stats[k], CELLS) for k in ("negative", "1+", "2+", "3+")),
+        _m(AREA, stats["area_mm2"], MM2),
+        _m(CELLULARITY, stats.get("cells_per_mm2"), PER_MM2),
+    ]
+    return [m for m in items if m is not None]
+
+
+def _text_value(meaning: str) -> CodedConcept:
+    return _private(meaning.upper().replace(" ", "-"), meaning)
+
+
+def slide_level_content(result: SlideResult) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
+    """Tumour fraction, the profile's clinical score, and the alerts."""
+    scores = result.scores
+    tissue = result.compartment_stats["tissue"]
+    measurements = [
+        _m(TUMOUR_FRACTION, 100.0 * result.tumour_fraction, PERCENT),
+        _m(TISSUE_AREA, tissue["area_mm2"], MM2),
+        _m(KI67_INDEX, scores.get("ki67_index_percent"), PERCENT),
+        _m(TPS, scores.get("tps_percent"), PERCENT),
+    ]
+    for key, concept in ALLRED.items():
+        if "allred" in scores:
+            measurements.append(_m(concept, scores["allred"][key], ONE))
+    evaluations = []
+    if scores.get("category"):
+        evaluations.append(hd.sr.QualitativeEvaluation(RECEPTOR_STATUS, _text_value(scores["category"])))
+    her2 = scores.get("her2") or {}
+    if her2.get("category"):
+        label = her2["category"] if her2["category"] != "0" else f"0 ({her2['zero_subtype']})"
+        evaluations.append(hd.sr.QualitativeEvaluation(HER2_SCORE, _private(f"HER2-{label}", f"HER2 {label}")))
+    for alert in result.alerts:
+        value = ALERT_VALUES.get(alert["code"], _private(alert["code"], alert["code"].replace("_", " ").lower()))
+        evaluations.append(hd.sr.QualitativeEvaluation(codes.DCM.Finding, value))
+    return [m for m in measurements if m is not None], evaluations
+
+
+def observation_context(volume: pydicom.Dataset) -> hd.sr.ObservationContext:
+    """Device observer (this software) and the slide's specimen as subject."""
+    device = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=hd.UID(),
+            name=f"{SOFTWARE_NAME} {software_version()}",
+            manufacturer_name=SOFTWARE_NAME,
+            model_name=SOFTWARE_NAME,
+        ),
+    )
+    specimen = volume.SpecimenDescriptionSequence[0] if "SpecimenDescriptionSequence" in volume else None
+    subject = hd.sr.SubjectContext(
+        subject_class=codes.DCM.Specimen,
+        subject_class_specific_context=hd.sr.SubjectContextSpecimen(
+            uid=str(specimen.SpecimenUID) if specimen is not None else str(hd.UID()),
+            identifier=str(specimen.SpecimenIdentifier) if specimen is not None else None,
+            container_identifier=str(volume.get("ContainerIdentifier", "")) or None,
+        ),
+    )
+    return hd.sr.ObservationContext(observer_device_context=device, subject_context=subject)
+
+
+def algorithm() -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=SOFTWARE_NAME, version=software_version())
+
+
+def build_measurement_report(
+    result: SlideResult,
+    volumes: list[pydicom.Dataset],
+    segmentation: hd.seg.Segmentation,
+    series_number: int = 200,
+) -> hd.sr.Comprehensive3DSR:
+    """The full TID 1500 report referencing ``segmentation``'s segments."""
+    groups: list[Any] = []
+    for number, spec in enumerate(SEGMENTS, start=1):
+        stats = result.compartment_stats[spec.name]
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=spec.name),
+                referenced_segment=hd.sr.ReferencedSegment(
+                    sop_class_uid=segmentation.SOPClassUID,
+                    sop_instance_uid=segmentation.SOPInstanceUID,
+                    segment_number=number,
+                    source_series=hd.sr.SourceSeriesForSegmentation(volumes[0].SeriesInstanceUID),
+                ),
+                finding_type=spec.property_type,
+                finding_category=spec.category,
+                algorithm_id=algorithm(),
+                measurements=compartment_measurements(stats),
+            )
+        )
+    measurements, evaluations = slide_level_content(result)
+    measurements.extend(compartment_measurements(result.compartment_stats["tissue"]))
+    groups.append(
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="slide"),
+            finding_type=CodedConcept("85756007", "SCT", "Tissue"),
+            algorithm_id=algorithm(),
+            measurements=measurements,
+            qualitative_evaluations=evaluations or None,
+        )
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(volumes[0]),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[segmentation, volumes[0]],
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=SOFTWARE_NAME,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = f"{result.profile} IHC measurements (unverified)"
+    declare_private_scheme(sr)
+    return sr
+
+
+def declare_private_scheme(ds: pydicom.Dataset) -> None:
+    """Add the private scheme to the Coding Scheme Identification Sequence."""
+    item = pydicom.Dataset()
+    item.CodingSchemeDesignator = SCHEME
+    item.CodingSchemeName = SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = SOFTWARE_NAME
+    existing = list(ds.get("CodingSchemeIdentificationSequence", []))
+    ds.CodingSchemeIdentificationSequence = [*existing, item]

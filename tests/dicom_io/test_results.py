@@ -1,0 +1,176 @@
+"""Result objects: write → read back → compare, and validated by the standard's tools."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from ome_types import from_xml
+
+from adapter.synth import SynthOutput
+from config.settings import load_settings
+from dicom_io import open_slide
+from dicom_io.results import WrittenResults, write_results
+from dicom_io.seg import labels_on_level, read_headers
+from dicom_io.sr import H_SCORE, SCHEME
+from pipeline.analysis import SlideResult, analyse
+from tests.conftest import require_tool
+
+#: dciodvfy (dicom3tools 2022-06 build) messages known to be wrong, by exact text, with the reason.
+KNOWN_FALSE_POSITIVES = {
+    # The attribute is absent (checked below); this build evaluates the 3D-only
+    # condition of Common Z Coordinate Value on a missing attribute.
+    "Error - Only valid for AnnotationCoordinateType of 3D - attribute <CommonZCoordinateValue> = <>",
+}
+
+
+@pytest.fixture(scope="module")
+def dicom_results(
+    small_slide: SynthOutput, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[SlideResult, WrittenResults]:
+    assert small_slide.dicom_dir
+    with open_slide(small_slide.dicom_dir) as slide:
+        result = analyse(slide, load_settings("ki67", ["tiling.workers=1"]))
+        written = write_results(result, slide, tmp_path_factory.mktemp("results"))
+    return result, written
+
+
+@pytest.fixture(scope="module")
+def ome_results(
+    small_slide: SynthOutput, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[SlideResult, WrittenResults]:
+    assert small_slide.ome_tiff
+    with open_slide(small_slide.ome_tiff) as slide:
+        result = analyse(slide, load_settings("ki67", ["tiling.workers=1"]))
+        written = write_results(result, slide, tmp_path_factory.mktemp("ome-results"))
+    return result, written
+
+
+def test_dicom_set_is_complete_and_in_the_slides_study(
+    dicom_results: tuple[SlideResult, WrittenResults], small_slide: SynthOutput
+) -> None:
+    _, written = dicom_results
+    assert set(written.dicom) == {"seg", "sr", "ann", "ko"}  # the small slide raises LITTLE_TISSUE
+    assert small_slide.dicom_dir
+    source = read_headers(sorted(small_slide.dicom_dir.glob("*.dcm")))[0]
+    series = set()
+    for path in written.all_dicom():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.StudyInstanceUID == source.StudyInstanceUID
+        assert ds.PatientID == source.PatientID
+        if "FrameOfReferenceUID" in ds:
+            assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
+        assert path.parent.name == ds.SeriesInstanceUID and path.stem == ds.SOPInstanceUID
+        series.add((ds.Modality, ds.SeriesInstanceUID))
+    assert len({uid for _, uid in series}) == 4  # a new series per object type
+
+
+def test_every_dicom_object_passes_dciodvfy(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    tool = require_tool("dciodvfy")
+    _, written = dicom_results
+    for path in written.all_dicom():
+        run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=120)
+        errors = [
+            line
+            for line in (run.stdout + run.stderr).splitlines()
+            if line.startswith("Error") and line not in KNOWN_FALSE_POSITIVES
+        ]
+        assert errors == [], f"{path.name}: {errors}"
+    ann = pydicom.dcmread(written.dicom["ann"][0])
+    assert all("CommonZCoordinateValue" not in g for g in ann.AnnotationGroupSequence)
+
+
+def test_seg_pixels_equal_the_pipeline_mask(
+    dicom_results: tuple[SlideResult, WrittenResults], small_slide: SynthOutput
+) -> None:
+    result, written = dicom_results
+    segs = sorted((hd.seg.segread(p) for p in written.dicom["seg"]), key=lambda s: -s.TotalPixelMatrixColumns)
+    base = segs[0]
+    assert base.DimensionOrganizationType == "TILED_SPARSE"
+    assert base.SegmentationType == "BINARY"
+    assert [d.SegmentLabel for d in base.SegmentSequence] == ["tumour", "stroma"]
+    assert base.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"
+    assert small_slide.dicom_dir
+    volumes = read_headers(sorted(small_slide.dicom_dir.glob("*.dcm")))
+    level = next(v for v in volumes if v.SOPInstanceUID == base.SourceImageSequence[0].ReferencedSOPInstanceUID)
+    expected = labels_on_level(result.compartments, level)
+    pixels = base.get_total_pixel_matrix(combine_segments=False)
+    assert pixels.shape[:2] == expected.shape
+    assert np.array_equal(pixels[..., 0] > 0, expected == 1)
+    assert np.array_equal(pixels[..., 1] > 0, expected == 2)
+    assert len(segs) >= 2  # a pyramid
+
+
+def test_sr_h_score_equals_the_json(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    result, written = dicom_results
+    sr = hd.sr.srread(written.dicom["sr"][0])
+    assert sr.VerificationFlag == "UNVERIFIED"
+    assert SCHEME in [i.CodingSchemeDesignator for i in sr.CodingSchemeIdentificationSequence]
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    by_name = {str(g.tracking_identifier): g for g in groups}
+    for name in ("tumour", "stroma"):
+        h = by_name[name].get_measurements(name=H_SCORE)[0].value
+        assert h == pytest.approx(result.compartment_stats[name]["h_score"], rel=1e-9)
+        assert by_name[name].referenced_segment is not None
+
+
+def test_annotations_round_trip(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    result, written = dicom_results
+    ann = hd.ann.annread(written.dicom["ann"][0])
+    groups = ann.get_annotation_groups()
+    scored = np.isin(result.cells["compartment"], (1, 2))
+    assert sum(g.number_of_annotations for g in groups) == int(scored.sum())
+    g = next(g for g in groups if g.label == "tumour negative")
+    points = np.concatenate(g.get_graphic_data(hd.ann.AnnotationCoordinateTypeValues.SCOORD))
+    sel = (result.cells["compartment"] == 1) & (result.cells["intensity_class"] == 0)
+    expected = np.stack([result.cells["x_um"][sel], result.cells["y_um"][sel]], 1) / 0.5
+    assert np.allclose(points, expected, atol=1e-3)
+
+
+def test_review_flag_points_at_the_report(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    result, written = dicom_results
+    assert "LITTLE_TISSUE" in [a["code"] for a in result.alerts]
+    kos = pydicom.dcmread(written.dicom["ko"][0])
+    sr = pydicom.dcmread(written.dicom["sr"][0], stop_before_pixels=True)
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "128201"  # For Physician Review
+    referenced = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in kos.ContentSequence
+        if "ReferencedSOPSequence" in item
+    }
+    assert sr.SOPInstanceUID in referenced
+
+
+def test_dsrdump_renders_the_sr_documents(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    tool = require_tool("dsrdump")
+    _, written = dicom_results
+    for path in written.dicom["sr"] + written.dicom["ko"]:
+        run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert "E:" not in run.stderr and "Error" not in run.stderr
+    assert "H-score" in subprocess.run([tool, str(written.dicom["sr"][0])], capture_output=True, text=True).stdout
+
+
+def test_ome_outputs_round_trip(ome_results: tuple[SlideResult, WrittenResults]) -> None:
+    result, written = ome_results
+    assert written.dicom == {}
+    with tifffile.TiffFile(written.ome["labels"]) as tf:
+        ome = from_xml(tf.ome_metadata)
+        labels = tf.series[0].levels[0].asarray()
+        assert len(tf.series[0].levels) >= 1
+    assert np.array_equal(labels, result.compartments.labels)
+    assert ome.images[0].pixels.physical_size_x == pytest.approx(result.compartments.mpp)
+    names = {m.k: m.value for m in ome.structured_annotations.map_annotations[0].value.ms}
+    assert names == {"0": "fat_background", "1": "tumour", "2": "stroma", "3": "other"}
+    with written.ome["cells"].open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(result.cells["x_um"])
+    assert {r["compartment"] for r in rows} <= {"tumour", "stroma", "fat_background", "other"}
+    assert float(rows[0]["x_px"]) == pytest.approx(result.cells["x_um"][0] / 0.5, abs=1e-3)
+    assert Path(written.json).exists()
