@@ -25,10 +25,12 @@ def shared_file(name: str) -> Path:
 def require_tool(name: str) -> str:
     """Path of an external tool; skip when missing, fail in CI (IHC_REQUIRE_TOOLS=1)."""
     found = shutil.which(name)
-    # pynetdicom installs its own storescu/echoscu into the venv; DCMTK's live in /usr/bin.
-    system = Path("/usr/bin") / name
-    if system.exists():
-        found = str(system)
+    # pynetdicom installs its own storescu/echoscu into the venv; DCMTK's live in
+    # /usr/bin, and Orthanc in /usr/sbin, which a non-root PATH may lack.
+    for folder in ("/usr/bin", "/usr/sbin"):
+        if (Path(folder) / name).exists():
+            found = str(Path(folder) / name)
+            break
     if not found:
         if os.environ.get("IHC_REQUIRE_TOOLS"):
             pytest.fail(f"required tool {name} is not installed")

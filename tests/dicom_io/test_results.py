@@ -31,17 +31,6 @@ KNOWN_FALSE_POSITIVES = {
 
 
 @pytest.fixture(scope="module")
-def dicom_results(
-    small_slide: SynthOutput, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[SlideResult, WrittenResults]:
-    assert small_slide.dicom_dir
-    with open_slide(small_slide.dicom_dir) as slide:
-        result = analyse(slide, load_settings("ki67", ["tiling.workers=1"]))
-        written = write_results(result, slide, tmp_path_factory.mktemp("results"))
-    return result, written
-
-
-@pytest.fixture(scope="module")
 def ome_results(
     small_slide: SynthOutput, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[SlideResult, WrittenResults]:
