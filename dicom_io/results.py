@@ -22,7 +22,7 @@ from dicom_io.ann import build_annotations
 from dicom_io.ko import build_review_flag
 from dicom_io.ome_results import write_cell_table, write_json, write_label_ome_tiff
 from dicom_io.seg import build_segmentations, read_headers
-from dicom_io.sr import build_measurement_report
+from dicom_io.sr import build_measurement_report, build_viewer_report
 from dicom_io.wsi_reader import DicomWsiSlide
 from pipeline.analysis import SlideResult
 from pipeline.slide import Slide
@@ -72,6 +72,9 @@ def write_results(result: SlideResult, slide: Slide, out_dir: Path) -> WrittenRe
         written.dicom["seg"] = [save(seg, out_dir) for seg in segs]
         report = build_measurement_report(result, volumes, segs[0])
         written.dicom["sr"] = [save(report, out_dir)]
+        viewer = build_viewer_report(result, volumes)
+        if viewer is not None:
+            written.dicom["viewer_sr"] = [save(viewer, out_dir)]
         written.dicom["ann"] = [save(build_annotations(result, volumes), out_dir)]
         kos = build_review_flag(result, report, volumes[0])
         if kos is not None:

@@ -16,12 +16,14 @@ import logging
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
-from dicom_io.seg import SEGMENTS
+from dicom_io.seg import SEGMENTS, level_mpp
 from dicom_io.sm_image import SOFTWARE_NAME, software_version
 from pipeline.analysis import SlideResult
+from pipeline.segmentation import TUMOUR
 
 log = logging.getLogger(__name__)
 
@@ -216,3 +218,119 @@ def declare_private_scheme(ds: pydicom.Dataset) -> None:
     item.CodingSchemeResponsibleOrganization = SOFTWARE_NAME
     existing = list(ds.get("CodingSchemeIdentificationSequence", []))
     ds.CodingSchemeIdentificationSequence = [*existing, item]
+
+
+# -- the viewer ROI report ---------------------------------------------------------------
+
+#: Tumour regions drawn in the viewer report: the largest ones, up to this many.
+MAX_REGIONS = 50
+#: Regions smaller than this are not drawn (mm²).
+MIN_REGION_MM2 = 0.001
+
+
+def tumour_regions(result: SlideResult) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Outer contours (map px, (row, col)) and cell masks of the largest tumour regions."""
+    from scipy import ndimage
+    from skimage.measure import approximate_polygon, find_contours
+
+    tumour = result.compartments.labels == TUMOUR
+    regions, n = ndimage.label(tumour)
+    if n == 0:
+        return []
+    px_mm2 = (result.compartments.mpp / 1000.0) ** 2
+    sizes = np.bincount(regions.ravel(), minlength=n + 1)[1:] * px_mm2
+    order = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] >= MIN_REGION_MM2][:MAX_REGIONS]
+    cell_region = result.compartments.lookup_regions(regions, result.cells["x_um"], result.cells["y_um"])
+    out = []
+    for r in order:
+        padded = np.pad(regions == r, 1)
+        contours = find_contours(padded.astype(np.float32), 0.5)
+        outer = max(contours, key=len) - 1.0  # undo the padding
+        outer = approximate_polygon(outer, tolerance=0.5)
+        if len(outer) < 4:
+            continue
+        if not np.array_equal(outer[0], outer[-1]):
+            outer = np.vstack([outer, outer[:1]])
+        out.append((outer, cell_region == r))
+    return out
+
+
+def build_viewer_report(
+    result: SlideResult, volumes: list[pydicom.Dataset], series_number: int = 210
+) -> hd.sr.Comprehensive3DSR | None:
+    """TID 1410 groups only: tumour regions as SCOORD3D polygons with key measurements.
+
+    Slim draws only such reports (one slide-level or SEG-referencing group
+    makes it reject the whole document), hence a second SR beside the full one.
+    Returns None when no tumour region was found.
+    """
+    from pipeline import scoring
+
+    regions = tumour_regions(result)
+    if not regions:
+        return None
+    base = volumes[0]
+    mpp0 = level_mpp(base)
+    scale = result.compartments.mpp / mpp0  # map px → level-0 px
+    transformer = hd.spatial.ImageToReferenceTransformer.for_image(base, for_total_pixel_matrix=True)
+    measurements, evaluations = slide_level_content(result)
+    key = [m for m in measurements if m.name in (KI67_INDEX, TPS, TUMOUR_FRACTION)]
+    groups = []
+    for i, (contour, cells) in enumerate(regions, start=1):
+        # Contour (row, col) in map px → (column, row) in level-0 total pixel matrix → slide mm.
+        pixel_xy = np.stack([(contour[:, 1] + 0.5) * scale, (contour[:, 0] + 0.5) * scale], axis=1)
+        slide_xyz = transformer(pixel_xy)
+        counts = np.bincount(result.cells["intensity_class"][cells].astype(np.int64), minlength=4)[:4]
+        area_mm2 = _polygon_area_mm2(slide_xyz)
+        region_measurements = [
+            m
+            for m in (
+                _m(H_SCORE, scoring.h_score(counts), ONE),
+                _m(POSITIVE_PERCENT, scoring.positive_percent(counts), PERCENT),
+                _m(TOTAL_CELLS, int(counts.sum()), CELLS),
+                _m(AREA, area_mm2, MM2),
+                *key,
+            )
+            if m is not None
+        ]
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=f"tumour region {i}"),
+                referenced_region=hd.sr.ImageRegion3D(
+                    graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+                    graphic_data=slide_xyz,
+                    frame_of_reference_uid=base.FrameOfReferenceUID,
+                ),
+                finding_type=SEGMENTS[0].property_type,
+                finding_category=SEGMENTS[0].category,
+                algorithm_id=algorithm(),
+                measurements=region_measurements,
+                qualitative_evaluations=evaluations or None,
+            )
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(base),
+        procedure_reported=PROCEDURE,
+        imaging_measurements=groups,
+        title=codes.DCM.ImagingMeasurementReport,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[base],
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=series_number,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=SOFTWARE_NAME,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+    )
+    sr.SeriesDescription = f"{result.profile} tumour regions for viewers (unverified)"
+    declare_private_scheme(sr)
+    return sr
+
+
+def _polygon_area_mm2(xyz: np.ndarray) -> float:
+    x, y = xyz[:, 0], xyz[:, 1]
+    return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2.0)

@@ -57,12 +57,16 @@ class CompartmentMap:
 
     def lookup(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Label at each point (µm); outside the map is fat/background."""
+        return self.lookup_regions(self.labels, x_um, y_um).astype(np.uint8)
+
+    def lookup_regions(self, image: np.ndarray, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Value of ``image`` (on this map's grid) at each point; 0 outside."""
         col = np.floor(np.asarray(x_um) / self.mpp).astype(np.int64)
         row = np.floor(np.asarray(y_um) / self.mpp).astype(np.int64)
-        h, w = self.labels.shape
+        h, w = image.shape
         inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
-        out = np.full(col.shape, FAT_BACKGROUND, np.uint8)
-        out[inside] = self.labels[row[inside], col[inside]]
+        out = np.zeros(col.shape, image.dtype)
+        out[inside] = image[row[inside], col[inside]]
         return out
 
 

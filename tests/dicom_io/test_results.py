@@ -45,7 +45,8 @@ def test_dicom_set_is_complete_and_in_the_slides_study(
     dicom_results: tuple[SlideResult, WrittenResults], small_slide: SynthOutput
 ) -> None:
     _, written = dicom_results
-    assert set(written.dicom) == {"seg", "sr", "ann", "ko"}  # the small slide raises LITTLE_TISSUE
+    # The small slide raises LITTLE_TISSUE, hence a review KOS.
+    assert set(written.dicom) == {"seg", "sr", "viewer_sr", "ann", "ko"}
     assert small_slide.dicom_dir
     source = read_headers(sorted(small_slide.dicom_dir.glob("*.dcm")))[0]
     series = set()
@@ -57,7 +58,7 @@ def test_dicom_set_is_complete_and_in_the_slides_study(
             assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
         assert path.parent.name == ds.SeriesInstanceUID and path.stem == ds.SOPInstanceUID
         series.add((ds.Modality, ds.SeriesInstanceUID))
-    assert len({uid for _, uid in series}) == 4  # a new series per object type
+    assert len({uid for _, uid in series}) == 5  # a new series per object type
 
 
 def test_every_dicom_object_passes_dciodvfy(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
@@ -139,7 +140,7 @@ def test_review_flag_points_at_the_report(dicom_results: tuple[SlideResult, Writ
 def test_dsrdump_renders_the_sr_documents(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
     tool = require_tool("dsrdump")
     _, written = dicom_results
-    for path in written.dicom["sr"] + written.dicom["ko"]:
+    for path in written.dicom["sr"] + written.dicom["viewer_sr"] + written.dicom["ko"]:
         run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
         assert run.returncode == 0, run.stderr
         assert "E:" not in run.stderr and "Error" not in run.stderr
@@ -163,3 +164,32 @@ def test_ome_outputs_round_trip(ome_results: tuple[SlideResult, WrittenResults])
     assert {r["compartment"] for r in rows} <= {"tumour", "stroma", "fat_background", "other"}
     assert float(rows[0]["x_px"]) == pytest.approx(result.cells["x_um"][0] / 0.5, abs=1e-3)
     assert Path(written.json).exists()
+
+
+def test_viewer_report_has_only_image_region_groups(
+    dicom_results: tuple[SlideResult, WrittenResults], small_slide: SynthOutput
+) -> None:
+    result, written = dicom_results
+    sr = hd.sr.srread(written.dicom["viewer_sr"][0])
+    assert sr.VerificationFlag == "UNVERIFIED"
+    content = sr.content
+    assert content.get_volumetric_roi_measurement_groups() == []
+    groups = content.get_planar_roi_measurement_groups()
+    measurements = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    assert len(groups) == len(measurements.ContentSequence) > 0  # nothing but image-region groups
+    assert small_slide.dicom_dir
+    base = read_headers(sorted(small_slide.dicom_dir.glob("*.dcm")))[0]
+    back = hd.spatial.ReferenceToImageTransformer.for_image(base, for_total_pixel_matrix=True)
+    tumour_mm2 = result.compartments.area_mm2(1)
+    drawn_mm2 = 0.0
+    for g in groups:
+        region = g.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues3D.POLYGON
+        assert region.frame_of_reference_uid == base.FrameOfReferenceUID
+        points = region.value
+        assert np.array_equal(points[0], points[-1])  # closed
+        pixels = back(points)
+        assert (pixels >= -1).all() and (pixels[:, 0] <= base.TotalPixelMatrixColumns + 1).all()
+        drawn_mm2 += g.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))[0].value
+        assert g.get_measurements(name=H_SCORE)
+    assert drawn_mm2 == pytest.approx(tumour_mm2, rel=0.25)
