@@ -98,26 +98,34 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from adapter.synth import generate
+    from config.settings import load_settings
     from dicom_io import open_slide
+    from dicom_io.results import write_results
+    from pipeline.analysis import analyse
     from pipeline.synth import SynthSpec
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ihc-adapter-demo-"))
     spec = SynthSpec(width=2048, height=2048, seed=7)
     print(f"ihc-adapter demo: generating a {spec.width}x{spec.height} synthetic Ki-67-like slide in {out_dir}")
-    out = generate(spec, out_dir)
-    for path in (out.dicom_dir, out.ome_tiff, out.svs):
-        assert path is not None
-        with open_slide(path) as slide:
-            print()
-            print(_format_info(slide.describe()))
+    out = generate(spec, out_dir / "slide")
+    assert out.dicom_dir is not None
+    with open_slide(out.dicom_dir) as slide:
+        print()
+        print(_format_info(slide.describe()))
+        print()
+        result = analyse(slide, load_settings("ki67"))
+        written = write_results(result, slide, out_dir / "results")
+    print(_summary(result))
     tum = out.truth["compartments"]["tumour"]
     print()
     print(
-        f"ground truth: tumour fraction {out.truth['tumour_fraction']:.3f}, "
-        f"{tum['cells']} tumour cells, tumour H-score {tum['h_score']:.1f}, "
-        f"{tum['positive_percent']:.1f}% positive"
+        f"ground truth: tumour fraction {out.truth['tumour_fraction']:.3f}, {tum['cells']} tumour cells, "
+        f"Ki-67 index {tum['positive_percent']:.1f}%, tumour H-score {tum['h_score']:.1f}"
     )
-    print("scoring arrives with the pipeline (issue #3); results as DICOM with issue #4.")
+    print(f"results: {written.json}")
+    for kind, paths in written.dicom.items():
+        print(f"  DICOM {kind:<9} {paths[0].parent}")
+    print(f"the same slide as OME-TIFF and SVS: {out.ome_tiff}, {out.svs}")
     return 0
 
 
