@@ -150,6 +150,30 @@ def _summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _converted(slide: Any, out: Path, sidecar: str | None) -> Any:
+    """Convert a non-DICOM slide into ``out/source-dicom`` and open it."""
+    from dicom_io import open_slide
+    from dicom_io.convert import convert_to_dicom, identity_from_sidecar
+
+    folder = out / "source-dicom"
+    folder.mkdir(parents=True, exist_ok=True)
+    convert_to_dicom(slide, folder, identity_from_sidecar(Path(sidecar) if sidecar else None, slide))
+    return open_slide(folder)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from dicom_io import open_slide
+    from dicom_io.convert import convert_to_dicom, identity_from_sidecar
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_slide(args.slide, mpp=args.mpp) as slide:
+        identity = identity_from_sidecar(Path(args.sidecar) if args.sidecar else None, slide)
+        files = convert_to_dicom(slide, out, identity, quality=args.jpeg_quality)
+    print(f"wrote {len(files)} DICOM WSI instance(s) to {out}")
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     import functools
 
@@ -169,7 +193,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.out:
             from dicom_io.results import write_results
 
-            written = write_results(result, slide, Path(args.out))
+            target = slide
+            if args.dicom and slide.format != "dicom":
+                target = _converted(slide, Path(args.out), args.sidecar)
+            written = write_results(result, target, Path(args.out))
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_json(), indent=2, ensure_ascii=False))
     print(_summary(result))
@@ -218,9 +245,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
     score.add_argument("--out", metavar="DIR", help="write results: DICOM SEG/SR/annotations/KOS or OME-TIFF + CSV")
+    score.add_argument(
+        "--dicom", action="store_true", help="for a non-DICOM slide: convert it to DICOM WSI and write DICOM results"
+    )
+    score.add_argument("--sidecar", help="JSON/TOML with patient/study/specimen identifiers for --dicom")
     score.add_argument("--mpp", type=float, help="µm/px of the finest level, for files that lack it")
     score.add_argument("--workers", type=int, help="tile processes (default: all cores)")
     score.set_defaults(func=cmd_score)
+
+    convert = sub.add_parser("convert", help="convert a slide to a DICOM WSI series")
+    convert.add_argument("slide")
+    convert.add_argument("out", help="output folder")
+    convert.add_argument("--sidecar", help="JSON/TOML with patient/study/specimen identifiers")
+    convert.add_argument("--mpp", type=float, help="µm/px of the finest level, for files that lack it")
+    convert.add_argument("--jpeg-quality", type=int, default=90)
+    convert.set_defaults(func=cmd_convert)
 
     demo = sub.add_parser("demo", help="generate a sample slide and show what the adapter reads from it")
     demo.add_argument("--out", help="output folder (default: a new temporary folder)")

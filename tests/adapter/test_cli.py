@@ -115,3 +115,12 @@ def test_score_real_ki67(tmp_path: Path) -> None:
     # A Ki-67 stained tumour: hundreds of nuclei, a minority of them brown.
     assert 500 < j["compartments"]["tissue"]["cells"] < 2000
     assert 5 < j["scores"]["ki67_index_percent"] < 40
+
+
+def test_score_ome_source_with_dicom_results(small_slide: SynthOutput, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = main(["score", str(small_slide.ome_tiff), "--profile", "ki67", "--out", str(out), "--dicom", "--workers", "1"])
+    assert rc == 0
+    outputs = json.loads((out / "result.json").read_text())["outputs"]
+    assert {"seg", "sr", "viewer_sr", "ann"} <= set(outputs)
+    assert (out / "source-dicom").is_dir()
