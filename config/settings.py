@@ -170,6 +170,13 @@ class ScoreSettings(_Frozen):
     )
 
 
+class OutputSettings(_Frozen):
+    """Optional result objects."""
+
+    heatmap: bool = Field(False, description="also write a Parametric Map of local H-score")
+    heatmap_um: float = Field(128.0, gt=0, description="block size of the heatmap (µm)")
+
+
 class Settings(_Frozen):
     """Everything the scoring pipeline reads; build with :func:`load_settings`."""
 
@@ -182,6 +189,7 @@ class Settings(_Frozen):
     intensity: IntensitySettings = IntensitySettings()
     segmentation: SegmentationSettings = SegmentationSettings()
     scores: ScoreSettings = ScoreSettings()
+    outputs: OutputSettings = OutputSettings()
 
 
 def available_profiles() -> list[str]:

@@ -21,6 +21,7 @@ from config.errors import SlideReadError
 from dicom_io.ann import build_annotations
 from dicom_io.ko import build_review_flag
 from dicom_io.ome_results import write_cell_table, write_json, write_label_ome_tiff
+from dicom_io.pm import build_heatmap
 from dicom_io.seg import build_segmentations, read_headers
 from dicom_io.sr import build_measurement_report, build_viewer_report
 from dicom_io.wsi_reader import DicomWsiSlide
@@ -54,7 +55,7 @@ def uid_path(root: Path, ds: pydicom.Dataset) -> Path:
 def save(ds: pydicom.Dataset, root: Path) -> Path:
     path = uid_path(root, ds)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if "PatientOrientation" not in ds and ds.get("Modality") == "SEG":
+    if "TotalPixelMatrixColumns" in ds and "PatientOrientation" not in ds:
         ds.PatientOrientation = ""  # Type 2C of General Image for slide-coordinate images
     tmp = path.with_suffix(".part")
     ds.save_as(tmp, enforce_file_format=True)
@@ -76,6 +77,10 @@ def write_results(result: SlideResult, slide: Slide, out_dir: Path) -> WrittenRe
         if viewer is not None:
             written.dicom["viewer_sr"] = [save(viewer, out_dir)]
         written.dicom["ann"] = [save(build_annotations(result, volumes), out_dir)]
+        if result.settings.outputs.heatmap:
+            written.dicom["heatmap"] = [
+                save(build_heatmap(result, volumes, result.settings.outputs.heatmap_um), out_dir)
+            ]
         kos = build_review_flag(result, report, volumes[0])
         if kos is not None:
             written.dicom["ko"] = [save(kos, out_dir)]

@@ -46,7 +46,7 @@ def test_dicom_set_is_complete_and_in_the_slides_study(
 ) -> None:
     _, written = dicom_results
     # The small slide raises LITTLE_TISSUE, hence a review KOS.
-    assert set(written.dicom) == {"seg", "sr", "viewer_sr", "ann", "ko"}
+    assert set(written.dicom) == {"seg", "sr", "viewer_sr", "ann", "heatmap", "ko"}
     assert small_slide.dicom_dir
     source = read_headers(sorted(small_slide.dicom_dir.glob("*.dcm")))[0]
     series = set()
@@ -58,7 +58,7 @@ def test_dicom_set_is_complete_and_in_the_slides_study(
             assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
         assert path.parent.name == ds.SeriesInstanceUID and path.stem == ds.SOPInstanceUID
         series.add((ds.Modality, ds.SeriesInstanceUID))
-    assert len({uid for _, uid in series}) == 5  # a new series per object type
+    assert len({uid for _, uid in series}) == 6  # a new series per object type
 
 
 def test_every_dicom_object_passes_dciodvfy(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
@@ -193,3 +193,26 @@ def test_viewer_report_has_only_image_region_groups(
         drawn_mm2 += g.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))[0].value
         assert g.get_measurements(name=H_SCORE)
     assert drawn_mm2 == pytest.approx(tumour_mm2, rel=0.25)
+
+
+def test_heatmap_values_are_block_h_scores(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    result, written = dicom_results
+    pm = pydicom.dcmread(written.dicom["heatmap"][0])
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert float(mapping.RealWorldValueIntercept) == -1.0 and float(mapping.RealWorldValueSlope) == 1.0
+    # highdicom applies the real-world value mapping: these are H-scores.
+    pixels = hd.image.Image.from_dataset(pm, copy=False).get_total_pixel_matrix()
+    mpp = float(pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
+    block = result.settings.outputs.heatmap_um
+    c = result.cells
+    scored = np.isin(c["compartment"], (1, 2))
+    bx, by = (c["x_um"] // block).astype(int), (c["y_um"] // block).astype(int)
+    checked = 0
+    for x, y in sorted(set(zip(bx[scored], by[scored], strict=True)))[::3]:
+        sel = scored & (bx == x) & (by == y)
+        expected = 100.0 * c["intensity_class"][sel].mean()
+        row, col = int((y + 0.5) * block / mpp), int((x + 0.5) * block / mpp)
+        if row < pixels.shape[0] and col < pixels.shape[1]:
+            assert pixels[row, col] == round(expected), (x, y)
+            checked += 1
+    assert checked >= 3
