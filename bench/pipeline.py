@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.settings import load_settings
 from dicom_io import open_slide
-from pipeline.analysis import analyse
+from pipeline.analysis import SlideResult, analyse
+from pipeline.slide import Slide
 from pipeline.stains import StainMatrix, deconvolve
 
 
@@ -96,6 +97,38 @@ def _baseline(path: Path, mpp: float, tiles: int, tile_size: int) -> float:
     return pixels / 1e6 / (time.perf_counter() - t)
 
 
+def _write_results(
+    result: SlideResult, slide: Slide, mode: str, workdir: Path
+) -> tuple[float | None, float, str]:
+    """Time writing the result objects (conversion of a non-DICOM source is not counted)."""
+    import shutil
+    import tempfile
+
+    from dicom_io.convert import convert_to_dicom, identity_from_sidecar
+    from dicom_io.results import write_results
+
+    if mode == "none":
+        return None, 0.0, ""
+    out = Path(tempfile.mkdtemp(prefix="results-", dir=workdir))
+    try:
+        target = slide
+        if mode == "dicom" and slide.format != "dicom":
+            converted = workdir / f"{slide.path.stem}-dicom"
+            if not converted.exists():
+                print(f"converting {slide.path.name} to DICOM WSI for the results benchmark ...", flush=True)
+                converted.mkdir(parents=True)
+                convert_to_dicom(slide, converted, identity_from_sidecar(None, slide))
+            target = open_slide(converted)
+        t = time.perf_counter()
+        written = write_results(result, target, out)
+        seconds = time.perf_counter() - t
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        kinds = ", ".join(sorted(written.dicom) or sorted(written.ome))
+        return seconds, rss, kinds
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, nargs=2, default=(40000, 40000))
@@ -104,6 +137,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--workdir", default="/tmp/ihc-adapter-bench")
     p.add_argument("--sample-tiles", type=int, default=64)
+    p.add_argument(
+        "--results",
+        choices=("dicom", "native", "none"),
+        default="dicom",
+        help="time writing the results: DICOM set (a non-DICOM slide is converted first, untimed), "
+        "the source's native set, or none",
+    )
     a = p.parse_args()
 
     path = _slide(a)
@@ -117,7 +157,8 @@ def main() -> None:
     t = time.perf_counter()
     with opener() as slide:
         result = analyse(slide, settings, opener=opener, progress=sys.stderr.isatty())
-    wall = time.perf_counter() - t
+        wall = time.perf_counter() - t
+        write_s, write_rss_mb, objects = _write_results(result, slide, a.results, Path(a.workdir))
     tm = result.timings
     tissue_mpx = tm["tissue_mpx"]
     stages = {
@@ -134,6 +175,11 @@ def main() -> None:
         print(f"stage {name:<13}{mps:.1f} MP/s per core" if mps else f"stage {name:<13}-")
     print(f"end to end         {e2e:.2f} MP/s of tissue on {a.workers} workers ({wall:.0f} s)")
     print(f"baseline watershed {baseline:.2f} MP/s per core; cell stage / baseline = {stages['cells'] / baseline:.2f}")
+    if write_s is not None:
+        print(
+            f"writing results    {write_s:.1f} s for {objects} = {100 * write_s / wall:.1f}% of the pipeline time;"
+            f" RSS after writing {write_rss_mb:.0f} MB"
+        )
     print(f"peak RSS           main {main_mb:.0f} MB, largest worker {child_mb:.0f} MB")
     print(
         json.dumps(
@@ -150,6 +196,9 @@ def main() -> None:
                 "cells_vs_baseline": round(stages["cells"] / baseline, 2) if stages["cells"] else None,
                 "end_to_end_vs_baseline_on_all_cores": round(e2e / (baseline * a.workers), 2),
                 "wall_s": round(wall, 1),
+                "write_results_s": None if write_s is None else round(write_s, 2),
+                "write_results_percent": None if write_s is None else round(100 * write_s / wall, 2),
+                "write_results_objects": objects,
                 "peak_rss_mb": round(max(main_mb, rss_before_mb), 1),
                 "peak_rss_worker_mb": round(child_mb, 1),
                 "peak_rss_total_bound_mb": round(main_mb + a.workers * child_mb, 1),
