@@ -97,9 +97,7 @@ def _baseline(path: Path, mpp: float, tiles: int, tile_size: int) -> float:
     return pixels / 1e6 / (time.perf_counter() - t)
 
 
-def _write_results(
-    result: SlideResult, slide: Slide, mode: str, workdir: Path
-) -> tuple[float | None, float, str]:
+def _write_results(result: SlideResult, slide: Slide, mode: str, workdir: Path) -> tuple[float | None, float, str]:
     """Time writing the result objects (conversion of a non-DICOM source is not counted)."""
     import shutil
     import tempfile

@@ -1,0 +1,166 @@
+"""The service's configuration: one TOML file, validated, with environment overrides.
+
+Environment variables ``IHC_ADAPTER__SECTION__KEY`` override the file
+(``IHC_ADAPTER__SCP__PORT=11113``); values are parsed as JSON when they can
+be (numbers, booleans, lists), else taken as text. ``ihc-adapter config
+check FILE`` prints the result or one line per problem.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from config.errors import ConfigError
+
+ENV_PREFIX = "IHC_ADAPTER__"
+_AE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _ae_title(value: str) -> str:
+    if not _AE.match(value) or value.strip() == "" or "\\" in value:
+        raise ValueError(f"AE title {value!r} must be 1-16 printable ASCII characters without backslash")
+    return value.strip()
+
+
+class PathsConfig(_Frozen):
+    spool: Path = Field(Path("/data/spool"), description="received objects and the job database")
+    output: Path = Field(Path("/data/output"), description="results, one folder per job")
+    quarantine: Path | None = Field(None, description="where poison input is moved (default spool/quarantine)")
+
+    @property
+    def database(self) -> Path:
+        return self.spool / "jobs.db"
+
+
+class ScoringConfig(_Frozen):
+    profile: str = "hscore"
+    overrides: tuple[str, ...] = Field((), description="key=value settings, as for --set")
+    workers: int = Field(0, ge=0, description="tile processes per slide; 0 = all cores")
+
+
+class WatchConfig(_Frozen):
+    folders: tuple[Path, ...] = ()
+    settle_seconds: float = Field(5.0, ge=0, description="size and mtime unchanged this long = file complete")
+    after: Literal["leave", "move", "delete"] = "leave"
+    done_folder: Path | None = None
+    ignore: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", ".*", "*~")
+
+    @model_validator(mode="after")
+    def _done(self) -> WatchConfig:
+        if self.after == "move" and self.done_folder is None:
+            raise ValueError("watch.after = 'move' needs watch.done_folder")
+        return self
+
+
+class TlsConfig(_Frozen):
+    certificate: Path
+    key: Path
+    ca: Path | None = Field(None, description="CA bundle to require and verify client certificates")
+
+
+class ScpConfig(_Frozen):
+    enabled: bool = True
+    ae_title: str = "IHC_ADAPTER"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=1, le=65535)
+    allowed_calling_aes: tuple[str, ...] = Field((), description="empty = accept any calling AE title")
+    series_quiet_seconds: float = Field(30.0, gt=0, description="a series is complete after this much silence")
+    max_pdu: int = Field(262144, ge=4096, le=4194304, description="finite maximum PDU we advertise")
+    accept_other_storage: bool = Field(False, description="also accept storage classes other than VL WSI")
+    tls: TlsConfig | None = None
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _aes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_ae_title(a) for a in v)
+
+
+class Destination(_Frozen):
+    name: str = Field(..., min_length=1)
+    host: str
+    port: int = Field(..., ge=1, le=65535)
+    ae_title: str
+    calling_ae: str = "IHC_ADAPTER"
+
+    @field_validator("ae_title", "calling_ae")
+    @classmethod
+    def _ae(cls, v: str) -> str:
+        return _ae_title(v)
+
+
+class ServiceOptions(_Frozen):
+    concurrency: int = Field(1, ge=1, le=16, description="slides scored at once")
+    poll_seconds: float = Field(1.0, gt=0)
+    log_patient_data: bool = Field(False, description="include patient names/IDs in logs")
+    http_port: int = Field(0, ge=0, le=65535, description="/healthz and /metrics on 127.0.0.1; 0 = off")
+    retry_base_seconds: float = Field(5.0, gt=0)
+    retry_max_seconds: float = Field(3600.0, gt=0)
+
+
+class ServiceConfig(_Frozen):
+    paths: PathsConfig = PathsConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    watch: WatchConfig = WatchConfig()
+    scp: ScpConfig = ScpConfig()
+    destinations: tuple[Destination, ...] = ()
+    service: ServiceOptions = ServiceOptions()
+
+    @model_validator(mode="after")
+    def _names(self) -> ServiceConfig:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError(f"destination names must be unique: {names}")
+        return self
+
+
+def _env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, raw, f"{part} is not a section")
+        node[path[-1]] = value
+
+
+def load_service_config(path: Path | None, environ: Mapping[str, str] | None = None) -> ServiceConfig:
+    """The config file (if any) plus environment overrides, validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError("config", str(path), f"cannot read: {exc.strerror or exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError("config", str(path), f"invalid TOML: {exc}") from exc
+    _env_overrides(data, os.environ if environ is None else environ)
+    try:
+        return ServiceConfig(**data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(where, err.get("input"), err["msg"]) from exc
