@@ -118,7 +118,8 @@ class JobQueue:
             row = db.execute("SELECT * FROM jobs WHERE source_key = ?", (source_key,)).fetchone()
             if row is None:
                 cur = db.execute(
-                    "INSERT INTO jobs (source_key, kind, path, state, created, updated) VALUES (?, ?, ?, 'queued', ?, ?)",
+                    "INSERT INTO jobs (source_key, kind, path, state, created, updated) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?)",
                     (source_key, kind, path, now, now),
                 )
                 job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone())

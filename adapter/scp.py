@@ -29,11 +29,13 @@ from typing import Any
 
 import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification, VLWholeSlideMicroscopyImageStorage
 
 from config.service import ScpConfig
+from dicom_io.wsi_reader import WSI_SOP_CLASS
 
 log = logging.getLogger(__name__)
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 SeriesCallback = Callable[[str, Path], None]
@@ -91,13 +93,14 @@ class StorageSCP:
         ae = AE(ae_title=self.config.ae_title)
         ae.maximum_pdu_size = self.config.max_pdu
         ae.require_calling_aet = list(self.config.allowed_calling_aes)
-        ae.add_supported_context(Verification)
+        ae.add_supported_context(VERIFICATION)
         if self.config.accept_other_storage:
             for cx in AllStoragePresentationContexts:
-                ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+                if cx.abstract_syntax is not None:
+                    ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         else:
-            ae.add_supported_context(VLWholeSlideMicroscopyImageStorage, ALL_TRANSFER_SYNTAXES)
-        handlers = [
+            ae.add_supported_context(WSI_SOP_CLASS, ALL_TRANSFER_SYNTAXES)
+        handlers: list[Any] = [
             (evt.EVT_C_ECHO, lambda event: 0x0000),
             (evt.EVT_C_STORE, self._handle_store),
             (evt.EVT_ESTABLISHED, self._opened),

@@ -42,7 +42,8 @@ def _slide(args: argparse.Namespace) -> Path:
     out = Path(args.workdir) / f"synth-{spec.width}x{spec.height}"
     path = out / f"synthetic-{spec.seed}.ome.tif"
     truth = out / "truth" / "truth.json"
-    if not (path.exists() and truth.exists() and json.loads(truth.read_text())["spec"] == spec.model_dump()):
+    cached = truth.exists() and SynthSpec(**json.loads(truth.read_text())["spec"]) == spec
+    if not (path.exists() and cached):
         print(f"generating {spec.width}x{spec.height} synthetic slide in {out} ...", flush=True)
         generate(spec, out, formats=("ome",), workers=args.workers)
     return path
