@@ -209,6 +209,51 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_config(args: argparse.Namespace) -> Any:
+    from config.service import load_service_config
+
+    return load_service_config(Path(args.config) if args.config else None)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from adapter.service import Service
+
+    Service(_service_config(args)).run_forever()
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    config = _service_config(args)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    from config.settings import load_settings
+
+    load_settings(config.scoring.profile, list(config.scoring.overrides))
+    print(f"{args.config or 'environment'}: configuration is valid", file=sys.stderr)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from adapter.queue import JobQueue
+
+    config = _service_config(args)
+    queue = JobQueue(config.paths.database)
+    for job in queue.jobs(args.state):
+        deliveries = queue.delivery_states(job.id)
+        sent = f" delivered {deliveries.get('sent', 0)}/{sum(deliveries.values())}" if deliveries else ""
+        reason = f"  ({job.reason})" if job.reason else ""
+        print(f"{job.id:>6} {job.state:<11} {job.kind:<5} attempts {job.attempts}{sent}  {job.source_key}{reason}")
+    print(" ".join(f"{k}={v}" for k, v in queue.counts().items()))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from adapter.queue import JobQueue
+
+    job = JobQueue(_service_config(args).paths.database).retry(args.job)
+    print(f"job {job.id} queued again")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ihc-adapter", description="Hands-free IHC scoring for DICOM/OME slides.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -260,6 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--mpp", type=float, help="µm/px of the finest level, for files that lack it")
     convert.add_argument("--jpeg-quality", type=int, default=90)
     convert.set_defaults(func=cmd_convert)
+
+    serve = sub.add_parser("serve", help="run the hands-free service (C-STORE listener, folder watch, queue)")
+    serve.add_argument("--config", help="adapter.toml (environment IHC_ADAPTER__SECTION__KEY overrides)")
+    serve.set_defaults(func=cmd_serve)
+    cfg = sub.add_parser("config", help="service configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    check = cfg_sub.add_parser("check", help="validate a configuration file and print the result")
+    check.add_argument("config", nargs="?")
+    check.set_defaults(func=cmd_config_check)
+    jobs = sub.add_parser("jobs", help="list jobs with their states and reasons")
+    jobs.add_argument("--config")
+    jobs.add_argument("--state", choices=("received", "queued", "running", "done", "failed", "quarantined"))
+    jobs.set_defaults(func=cmd_jobs)
+    retry = sub.add_parser("retry", help="queue a failed or quarantined job again")
+    retry.add_argument("job", type=int)
+    retry.add_argument("--config")
+    retry.set_defaults(func=cmd_retry)
 
     demo = sub.add_parser("demo", help="generate a sample slide and show what the adapter reads from it")
     demo.add_argument("--out", help="output folder (default: a new temporary folder)")

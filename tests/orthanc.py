@@ -45,9 +45,11 @@ class Orthanc:
 
 
 @contextmanager
-def running_orthanc(folder: Path, modalities: dict[str, list[Any]] | None = None) -> Iterator[Orthanc]:
+def running_orthanc(
+    folder: Path, modalities: dict[str, list[Any]] | None = None, dicom_port: int | None = None
+) -> Iterator[Orthanc]:
     binary = require_tool("Orthanc")
-    http_port, dicom_port = free_port(), free_port()
+    http_port, dicom_port = free_port(), dicom_port or free_port()
     config = {
         "Name": "ihc-adapter-test",
         "StorageDirectory": str(folder / "storage"),

@@ -1,0 +1,119 @@
+"""The service end to end with real peers: DCMTK as scanner, Orthanc as PACS (loopback, bounded)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from adapter.service import Service
+from adapter.synth import SynthOutput
+from config.service import ServiceConfig
+from tests.conftest import require_tool, shared_file
+from tests.orthanc import free_port, running_orthanc
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = None) -> ServiceConfig:
+    data: dict = {
+        "paths": {"spool": str(tmp_path / "spool"), "output": str(tmp_path / "out")},
+        "scoring": {"profile": "ki67", "workers": 1},
+        "scp": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "ae_title": "IHC_ADAPTER",
+            "series_quiet_seconds": 1.0,
+            "allowed_calling_aes": ["SCANNER1", "ORTHANC"],
+        },
+        "service": {"poll_seconds": 0.2, "retry_base_seconds": 0.5},
+        "watch": {"folders": [str(p) for p in watch or []], "settle_seconds": 0.5},
+    }
+    if pacs_port:
+        data["destinations"] = [{"name": "pacs", "host": "127.0.0.1", "port": pacs_port, "ae_title": "ORTHANC"}]
+    return ServiceConfig(**data)
+
+
+def test_storescu_push_is_scored_and_results_reach_orthanc(small_slide: SynthOutput, tmp_path: Path) -> None:
+    storescu = require_tool("storescu")
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        service = Service(_config(tmp_path, pacs.peer.port))
+        service.start()
+        try:
+            assert small_slide.dicom_dir
+            run = subprocess.run(
+                [
+                    storescu,
+                    "-aet",
+                    "SCANNER1",
+                    "-aec",
+                    "IHC_ADAPTER",
+                    "-R",
+                    "-xy",
+                    "+sd",
+                    "+r",
+                    "127.0.0.1",
+                    str(service.config.scp.port),
+                    str(small_slide.dicom_dir),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert run.returncode == 0, run.stderr
+            _wait(lambda: service.queue.counts()["done"] == 1, 120, "the job to finish")
+            job = service.queue.jobs("done")[0]
+            _wait(lambda: service.queue.delivery_states(job.id).get("pending", 0) == 0, 60, "delivery")
+            delivered = service.queue.delivery_states(job.id)["sent"]
+            assert delivered >= 5 and len(pacs.get("/instances")) == delivered
+        finally:
+            service.stop()
+
+
+def test_folder_drop_and_poison_input(small_slide: SynthOutput, tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    service = Service(_config(tmp_path, None, [incoming]))
+    service.start()
+    try:
+        assert small_slide.ome_tiff
+        shutil.copy(small_slide.ome_tiff, incoming / "slide.ome.tif")
+        shutil.copy(shared_file("bad/broken.svs"), incoming / "broken.svs")
+        _wait(lambda: service.queue.counts()["done"] + service.queue.counts()["quarantined"] == 2, 120, "two jobs")
+        quarantined = service.queue.jobs("quarantined")
+        assert len(quarantined) == 1 and "broken.svs" in (quarantined[0].reason or "")
+        done = service.queue.jobs("done")[0]
+        assert (Path(done.result_dir or "") / "result.json").exists()
+        # The same slide dropped again under another name is not scored twice.
+        shutil.copy(small_slide.ome_tiff, incoming / "again.ome.tif")
+        time.sleep(2)
+        assert service.queue.counts()["done"] == 1 and len(service.queue.jobs()) == 2
+    finally:
+        service.stop()
+
+
+def test_destination_down_then_up_delivers_without_rescoring(small_slide: SynthOutput, tmp_path: Path) -> None:
+    require_tool("Orthanc")
+    port = free_port()
+    service = Service(_config(tmp_path, port))
+    assert small_slide.dicom_dir
+    service.series_complete("1.2.3.4", small_slide.dicom_dir)  # as if a series had just arrived
+    service.start()
+    try:
+        _wait(lambda: service.queue.counts()["done"] == 1, 120, "scoring")
+        job = service.queue.jobs("done")[0]
+        failed = lambda: any(a > 0 for *_, a in service.queue.pending_deliveries(now=1e12))  # noqa: E731
+        _wait(failed, 30, "a failed delivery while the PACS is down")
+        with running_orthanc(tmp_path / "orthanc", dicom_port=port) as pacs:
+            _wait(lambda: service.queue.delivery_states(job.id).get("pending", 0) == 0, 60, "delivery")
+            assert len(pacs.get("/instances")) == service.queue.delivery_states(job.id)["sent"]
+        assert service.queue.get(job.id).attempts == 1  # delivered without re-scoring
+    finally:
+        service.stop()
