@@ -18,8 +18,10 @@ ARG PIP_EXTRA_INDEX_URL=
 RUN pip install --no-cache-dir . \
  && ihc-adapter --help >/dev/null
 
+RUN mkdir -p /data/spool /data/output /data/incoming /config && chown -R ihc /data
 USER ihc
-VOLUME ["/data/spool", "/data/output", "/config"]
+VOLUME ["/data/spool", "/data/output", "/data/incoming", "/config"]
 EXPOSE 11112
-ENTRYPOINT ["ihc-adapter"]
-CMD ["--help"]
+ENV IHC_ADAPTER__PATHS__SPOOL=/data/spool IHC_ADAPTER__PATHS__OUTPUT=/data/output
+ENTRYPOINT ["ihc-adapter", "serve"]
+CMD ["--config", "/config/adapter.toml"]
