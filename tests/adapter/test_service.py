@@ -117,3 +117,24 @@ def test_destination_down_then_up_delivers_without_rescoring(small_slide: SynthO
         assert service.queue.get(job.id).attempts == 1  # delivered without re-scoring
     finally:
         service.stop()
+
+
+def test_pacs_initiated_push(small_slide: SynthOutput, tmp_path: Path) -> None:
+    """Orthanc sends a stored slide to the service (POST /modalities/<adapter>/store)."""
+    from dicom_io.dimse import send_files
+
+    config = _config(tmp_path, None)
+    modalities = {"adapter": ["IHC_ADAPTER", "127.0.0.1", config.scp.port]}
+    with running_orthanc(tmp_path / "orthanc", modalities=modalities) as pacs:
+        assert small_slide.dicom_dir
+        files = sorted(small_slide.dicom_dir.glob("*.dcm"))
+        assert all(r.ok for r in send_files(files, pacs.peer))
+        service = Service(config)
+        service.start()
+        try:
+            pacs.post("/modalities/adapter/store", pacs.get("/instances"))
+            _wait(lambda: service.queue.counts()["done"] == 1, 120, "the pushed slide to be scored")
+            job = service.queue.jobs("done")[0]
+            assert job.kind == "dicom" and len(list(Path(job.path).glob("*.dcm"))) == len(files)
+        finally:
+            service.stop()
