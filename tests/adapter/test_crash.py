@@ -1,0 +1,170 @@
+"""kill -9 the service while it scores or receives; after a restart every acknowledged slide is
+scored exactly once and no result object reaches the PACS twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from adapter.synth import SynthOutput
+from tests.conftest import require_tool
+from tests.orthanc import free_port, running_orthanc
+
+
+def _write_config(tmp_path: Path, scp_port: int, pacs_port: int) -> Path:
+    cfg = tmp_path / "adapter.toml"
+    cfg.write_text(
+        f"""
+[paths]
+spool = "{tmp_path / "spool"}"
+output = "{tmp_path / "out"}"
+[scoring]
+profile = "ki67"
+workers = 1
+[scp]
+host = "127.0.0.1"
+port = {scp_port}
+series_quiet_seconds = 1.0
+[service]
+poll_seconds = 0.2
+retry_base_seconds = 0.5
+[[destinations]]
+name = "pacs"
+host = "127.0.0.1"
+port = {pacs_port}
+ae_title = "ORTHANC"
+"""
+    )
+    return cfg
+
+
+def _serve(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "adapter.cli", "serve", "--config", str(cfg)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _jobs(db: Path) -> list[tuple[int, str, int]]:
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT id, state, attempts FROM jobs ORDER BY id").fetchall()
+
+
+def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _push(storescu: str, port: int, folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            storescu,
+            "-aet",
+            "SCANNER1",
+            "-aec",
+            "IHC_ADAPTER",
+            "-R",
+            "-xy",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_kill_during_scoring_and_restart(small_slide: SynthOutput, tmp_path: Path) -> None:
+    storescu = require_tool("storescu")
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        scp_port = free_port()
+        cfg = _write_config(tmp_path, scp_port, pacs.peer.port)
+        db = tmp_path / "spool" / "jobs.db"
+        proc = _serve(cfg, tmp_path / "serve.log")
+        try:
+            _wait(lambda: _listening(scp_port), 60, "the service to listen")
+            assert small_slide.dicom_dir
+            assert _push(storescu, scp_port, small_slide.dicom_dir).returncode == 0
+            _wait(lambda: any(state == "running" for _, state, _ in _jobs(db)), 60, "scoring to start")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            assert [s for _, s, _ in _jobs(db)] == ["running"]
+            proc = _serve(cfg, tmp_path / "serve.log")
+            _wait(lambda: [s for _, s, _ in _jobs(db)] == ["done"], 120, "the job to finish after restart")
+            [(_, _, attempts)] = _jobs(db)
+            assert attempts == 2
+            with sqlite3.connect(db) as con:
+                _wait(
+                    lambda: (
+                        con.execute("SELECT COUNT(*) FROM deliveries WHERE state='pending'").fetchone()[0] == 0
+                        and con.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] > 0
+                    ),
+                    60,
+                    "delivery",
+                )
+                sent = con.execute("SELECT COUNT(*) FROM deliveries WHERE state='sent'").fetchone()[0]
+            # Only the finished attempt's objects reached the PACS: one SEG pyramid, one of each SR.
+            instances = pacs.get("/instances")
+            assert len(instances) == sent
+            modalities = [pacs.get(f"/instances/{i}/simplified-tags")["Modality"] for i in instances]
+            assert modalities.count("SR") == 2 and modalities.count("ANN") == 1
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_kill_during_receive_then_resend(small_slide: SynthOutput, tmp_path: Path) -> None:
+    storescu = require_tool("storescu")
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        scp_port = free_port()
+        cfg = _write_config(tmp_path, scp_port, pacs.peer.port)
+        db = tmp_path / "spool" / "jobs.db"
+        proc = _serve(cfg, tmp_path / "serve.log")
+        try:
+            _wait(lambda: _listening(scp_port), 60, "the service to listen")
+            assert small_slide.dicom_dir
+            files = sorted(small_slide.dicom_dir.glob("*.dcm"))
+            # Send the first instance, then die before the series is complete.
+            first = tmp_path / "first"
+            first.mkdir()
+            (first / files[0].name).write_bytes(files[0].read_bytes())
+            assert _push(storescu, scp_port, first).returncode == 0
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            received = list((tmp_path / "spool" / "incoming").rglob("*.dcm"))
+            assert len(received) == 1  # acknowledged = on disk
+            proc = _serve(cfg, tmp_path / "serve.log")
+            _wait(lambda: _listening(scp_port), 60, "the restarted service to listen")
+            # The scanner sends the whole series (again).
+            assert _push(storescu, scp_port, small_slide.dicom_dir).returncode == 0
+            _wait(lambda: [s for _, s, _ in _jobs(db)] == ["done"], 120, "the series to be scored once")
+            assert len(list((tmp_path / "spool" / "incoming").rglob("*.dcm"))) == len(files)
+            assert len(_jobs(db)) == 1
+            summary = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())
+            assert summary["compartments"]["tissue"]["cells"] > 0
+        finally:
+            proc.kill()
+            proc.wait(10)
