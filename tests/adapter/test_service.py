@@ -41,6 +41,28 @@ def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = No
     return ServiceConfig(**data)
 
 
+def _ct_image(path: Path) -> None:
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.SamplesPerPixel, ds.PixelRepresentation = 15, 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
 def test_storescu_push_is_scored_and_results_reach_orthanc(small_slide: SynthOutput, tmp_path: Path) -> None:
     storescu = require_tool("storescu")
     with running_orthanc(tmp_path / "orthanc") as pacs:
@@ -84,17 +106,22 @@ def test_folder_drop_and_poison_input(small_slide: SynthOutput, tmp_path: Path) 
     service.start()
     try:
         assert small_slide.ome_tiff
-        shutil.copy(small_slide.ome_tiff, incoming / "slide.ome.tif")
         shutil.copy(shared_file("bad/broken.svs"), incoming / "broken.svs")
-        _wait(lambda: service.queue.counts()["done"] + service.queue.counts()["quarantined"] == 2, 120, "two jobs")
-        quarantined = service.queue.jobs("quarantined")
-        assert len(quarantined) == 1 and "broken.svs" in (quarantined[0].reason or "")
+        shutil.copy(shared_file("tcga-cr-7395-01a-01-ts1.svs"), incoming / "no-mpp.svs")
+        _ct_image(incoming / "ct.dcm")
+        shutil.copy(small_slide.ome_tiff, incoming / "slide.ome.tif")
+        _wait(lambda: service.queue.counts()["done"] + service.queue.counts()["quarantined"] == 4, 120, "four jobs")
+        reasons = sorted(j.reason or "" for j in service.queue.jobs("quarantined"))
+        assert len(reasons) == 3
+        assert any("broken.svs" in r and "not a DICOM or TIFF" in r for r in reasons)
+        assert any("no pixel size" in r for r in reasons)
+        assert any("CT Image Storage" in r for r in reasons)
         done = service.queue.jobs("done")[0]
         assert (Path(done.result_dir or "") / "result.json").exists()
         # The same slide dropped again under another name is not scored twice.
         shutil.copy(small_slide.ome_tiff, incoming / "again.ome.tif")
         time.sleep(2)
-        assert service.queue.counts()["done"] == 1 and len(service.queue.jobs()) == 2
+        assert service.queue.counts()["done"] == 1 and len(service.queue.jobs()) == 4
     finally:
         service.stop()
 
