@@ -16,9 +16,11 @@ import logging
 import shutil
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 
+from adapter.http import StatusServer
 from adapter.queue import Job, JobQueue
 from adapter.scp import StorageSCP
 from adapter.watch import FolderWatcher
@@ -56,10 +58,20 @@ class Service:
             if config.watch.folders
             else None
         )
+        self.status = (
+            StatusServer(config.service.http_port, self.queue.counts, self._received)
+            if config.service.http_port
+            else None
+        )
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sources: dict[int, list[Path]] = {}
+
+    def _received(self) -> tuple[int, int]:
+        if self.scp is None:
+            return 0, 0
+        return self.scp.objects_received, self.scp.bytes_received
 
     # -- ingest --------------------------------------------------------------------
     def series_complete(self, series_uid: str, folder: Path) -> None:
@@ -133,7 +145,10 @@ class Service:
                 self._wake.clear()
                 continue
             log.info("event=running job=%d attempt=%d", job.id, job.attempts)
+            started = time.monotonic()
             self.process(job)
+            if self.status is not None:
+                self.status.slide_seconds.observe(time.monotonic() - started)
 
     def deliver_once(self) -> int:
         """Try every due delivery once; returns how many files were delivered."""
@@ -180,6 +195,8 @@ class Service:
             self.scp.start()
         if self.watcher is not None:
             self.watcher.start()
+        if self.status is not None:
+            self.status.start()
         for i in range(self.config.service.concurrency):
             self._threads.append(threading.Thread(target=self._worker, name=f"worker-{i}", daemon=True))
         self._threads.append(threading.Thread(target=self._sender, name="sender", daemon=True))
@@ -196,6 +213,8 @@ class Service:
             self.watcher.stop()
         for t in self._threads:
             t.join(timeout_s)
+        if self.status is not None:
+            self.status.stop()
         self.queue.close()
 
     def run_forever(self) -> None:

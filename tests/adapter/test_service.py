@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -33,7 +34,7 @@ def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = No
             "series_quiet_seconds": 1.0,
             "allowed_calling_aes": ["SCANNER1", "ORTHANC"],
         },
-        "service": {"poll_seconds": 0.2, "retry_base_seconds": 0.5},
+        "service": {"poll_seconds": 0.2, "retry_base_seconds": 0.5, "http_port": free_port()},
         "watch": {"folders": [str(p) for p in watch or []], "settle_seconds": 0.5},
     }
     if pacs_port:
@@ -95,6 +96,15 @@ def test_storescu_push_is_scored_and_results_reach_orthanc(small_slide: SynthOut
             _wait(lambda: service.queue.delivery_states(job.id).get("pending", 0) == 0, 60, "delivery")
             delivered = service.queue.delivery_states(job.id)["sent"]
             assert delivered >= 5 and len(pacs.get("/instances")) == delivered
+            import urllib.request
+
+            base = f"http://127.0.0.1:{service.config.service.http_port}"
+            health = json.loads(urllib.request.urlopen(base + "/healthz", timeout=5).read())
+            assert health["status"] == "ok" and health["jobs"]["done"] == 1
+            metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+            assert 'ihc_adapter_jobs{state="done"} 1.0' in metrics
+            assert "ihc_adapter_slide_seconds_count 1.0" in metrics
+            assert "ihc_adapter_received_bytes_total" in metrics
         finally:
             service.stop()
 
