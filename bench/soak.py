@@ -1,0 +1,132 @@
+"""Soak test of ``ihc-adapter serve``: push N slides by C-STORE, watch memory, count losses.
+
+    python bench/soak.py --slides 50 [--size 1024]
+
+Starts the service as a subprocess on loopback (its own spool in a temporary
+folder), pushes N copies of a synthetic slide, each under new Study/Series/
+SOP Instance UIDs, with the project's own SCU, waits until every series is
+scored, and reads the service's resident memory from /proc. The last line is
+one JSON object: slides, slides_per_hour, rss_start_mb, rss_end_mb, lost
+(series pushed but never scored), duplicated (series scored more than once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapter.synth import generate
+from dicom_io.dimse import Peer, send_files
+from pipeline.synth import SynthSpec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _copy_with_new_uids(src: list[Path], dst: Path) -> list[Path]:
+    dst.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    out = []
+    for path in src:
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        target = dst / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(target)
+        out.append(target)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--slides", type=int, default=20)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--timeout-s", type=float, default=3600)
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="ihc-soak-"))
+    slide = generate(SynthSpec(width=a.size, height=a.size, seed=5, tile_size=256), work / "slide", formats=("dicom",))
+    assert slide.dicom_dir is not None
+    source = sorted(slide.dicom_dir.glob("*.dcm"))
+    port = _free_port()
+    cfg = work / "adapter.toml"
+    cfg.write_text(
+        f'[paths]\nspool = "{work / "spool"}"\noutput = "{work / "out"}"\n'
+        f'[scoring]\nprofile = "ki67"\nworkers = 1\n'
+        f'[scp]\nhost = "127.0.0.1"\nport = {port}\nseries_quiet_seconds = 1.0\n'
+        f"[service]\npoll_seconds = 0.2\n"
+    )
+    log = (work / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adapter.cli", "serve", "--config", str(cfg)], stdout=log, stderr=log
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            if time.monotonic() > deadline:
+                raise SystemExit("service did not start")
+            time.sleep(0.2)
+        rss_start = _rss_mb(proc.pid)
+        series = []
+        t0 = time.monotonic()
+        for i in range(a.slides):
+            files = _copy_with_new_uids(source, work / "push" / str(i))
+            series.append(str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID))
+            results = send_files(files, Peer("127.0.0.1", port, "IHC_ADAPTER"))
+            assert all(r.ok for r in results)
+        db = work / "spool" / "jobs.db"
+        while True:
+            with sqlite3.connect(db) as con:
+                rows = con.execute("SELECT source_key, state, attempts FROM jobs").fetchall()
+            if sum(1 for _, s, _ in rows if s in ("done", "failed", "quarantined")) >= a.slides:
+                break
+            if time.monotonic() - t0 > a.timeout_s:
+                break
+            time.sleep(0.5)
+        elapsed = time.monotonic() - t0
+        rss_end = _rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    done = {k.split(":", 1)[1] for k, s, _ in rows if s == "done"}
+    lost = sum(1 for uid in series if uid not in done)
+    duplicated = sum(1 for _, _, attempts in rows if attempts > 1)
+    print(
+        json.dumps(
+            {
+                "slides": a.slides,
+                "slide_px": a.size,
+                "seconds": round(elapsed, 1),
+                "slides_per_hour": round(3600 * len(done) / elapsed, 1),
+                "rss_start_mb": round(rss_start, 1),
+                "rss_end_mb": round(rss_end, 1),
+                "lost": lost,
+                "duplicated": duplicated,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
