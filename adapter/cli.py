@@ -97,35 +97,72 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Generate a sample DICOM slide, run the service on loopback, push the slide, print the result."""
+    import socket
+    import time
+
+    from adapter.service import Service
     from adapter.synth import generate
-    from config.settings import load_settings
+    from config.service import ServiceConfig
     from dicom_io import open_slide
-    from dicom_io.results import write_results
-    from pipeline.analysis import analyse
+    from dicom_io.dimse import Peer, send_files
     from pipeline.synth import SynthSpec
 
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ihc-adapter-demo-"))
     spec = SynthSpec(width=2048, height=2048, seed=7)
-    print(f"ihc-adapter demo: generating a {spec.width}x{spec.height} synthetic Ki-67-like slide in {out_dir}")
-    out = generate(spec, out_dir / "slide")
-    assert out.dicom_dir is not None
-    with open_slide(out.dicom_dir) as slide:
-        print()
-        print(_format_info(slide.describe()))
-        print()
-        result = analyse(slide, load_settings("ki67"))
-        written = write_results(result, slide, out_dir / "results")
-    print(_summary(result))
-    tum = out.truth["compartments"]["tumour"]
-    print()
-    print(
-        f"ground truth: tumour fraction {out.truth['tumour_fraction']:.3f}, {tum['cells']} tumour cells, "
-        f"Ki-67 index {tum['positive_percent']:.1f}%, tumour H-score {tum['h_score']:.1f}"
+    print(f"ihc-adapter demo in {out_dir}")
+    print(f"1. generating a {spec.width}x{spec.height} synthetic Ki-67-like slide (DICOM WSI, OME-TIFF, SVS)")
+    slide = generate(spec, out_dir / "slide")
+    assert slide.dicom_dir is not None
+    with open_slide(slide.dicom_dir) as s:
+        print(_format_info(s.describe()))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    config = ServiceConfig(
+        paths={"spool": out_dir / "spool", "output": out_dir / "results"},
+        scoring={"profile": "ki67"},
+        scp={"host": "127.0.0.1", "port": port, "ae_title": "IHC_ADAPTER", "series_quiet_seconds": 1.0},
+        service={"poll_seconds": 0.2},
     )
-    print(f"results: {written.json}")
-    for kind, paths in written.dicom.items():
-        print(f"  DICOM {kind:<9} {paths[0].parent}")
-    print(f"the same slide as OME-TIFF and SVS: {out.ome_tiff}, {out.svs}")
+    print(f"2. starting the service on 127.0.0.1:{port} (AE IHC_ADAPTER, spool {config.paths.spool})")
+    service = Service(config)
+    service.start()
+    try:
+        files = sorted(slide.dicom_dir.glob("*.dcm"))
+        print(f"3. pushing {len(files)} instances by C-STORE")
+        results = send_files(files, Peer("127.0.0.1", port, "IHC_ADAPTER"), calling_ae="DEMO_SCANNER")
+        print(f"   {sum(r.ok for r in results)}/{len(results)} acknowledged")
+        print("4. waiting for the series to complete and be scored ...")
+        deadline = time.monotonic() + 600
+        while not (service.queue.jobs("done") or service.queue.jobs("failed") or service.queue.jobs("quarantined")):
+            if time.monotonic() > deadline:
+                print("ihc-adapter: error: the demo slide was not scored in 10 minutes", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        job = service.queue.jobs()[0]
+    finally:
+        service.stop()
+    if job.state != "done":
+        print(f"ihc-adapter: error: job {job.id} {job.state}: {job.reason}", file=sys.stderr)
+        return 1
+    result = json.loads((Path(str(job.result_dir)) / "result.json").read_text())
+    tumour = result["compartments"]["tumour"]
+    truth = slide.truth["compartments"]["tumour"]
+    print(f"5. job {job.id} done: profile {result['profile']}, tumour fraction {100 * result['tumour_fraction']:.1f}%")
+    print(
+        f"   tumour cells {tumour['cells']}, Ki-67 index {result['scores']['ki67_index_percent']:.1f}%, "
+        f"H-score {tumour['h_score']:.1f}"
+    )
+    print(
+        f"   ground truth: tumour fraction {100 * slide.truth['tumour_fraction']:.1f}%, {truth['cells']} tumour cells, "
+        f"Ki-67 index {truth['positive_percent']:.1f}%, H-score {truth['h_score']:.1f}"
+    )
+    alerts = ", ".join(f"{a['code']} ({a['message']})" for a in result["alerts"]) or "none"
+    print(f"   alerts: {alerts}")
+    print(f"   results: {Path(str(job.result_dir)) / 'result.json'}")
+    for kind, paths in result["outputs"].items():
+        print(f"   DICOM {kind:<9} {Path(paths[0]).parent}")
     return 0
 
 
