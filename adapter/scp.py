@@ -174,12 +174,15 @@ class StorageSCP:
             due: list[tuple[str, Path]] = []
             now = time.monotonic()
             with self._lock:
-                for uid, s in self._series.items():
+                for uid, s in list(self._series.items()):
                     quiet = now - s.last_store >= self.config.series_quiet_seconds
                     busy = bool(s.associations & self._open)
                     if not s.handed_over and quiet and not busy:
                         s.handed_over = True
                         due.append((uid, s.folder))
+                    elif s.handed_over and now - s.last_store > 10 * self.config.series_quiet_seconds:
+                        # Forget it; a later instance starts a new entry and a re-score.
+                        del self._series[uid]
             for uid, folder in due:
                 try:
                     self.on_series_complete(uid, folder)
