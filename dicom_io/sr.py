@@ -187,14 +187,23 @@ def build_measurement_report(
             qualitative_evaluations=evaluations or None,
         )
     )
+    return _unverified_report(
+        groups, volumes[0], [segmentation, volumes[0]], series_number, f"{result.profile} IHC measurements (unverified)"
+    )
+
+
+def _unverified_report(
+    groups: list[Any], slide: pydicom.Dataset, evidence: list[pydicom.Dataset], series_number: int, description: str
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 document, COMPLETE, PRELIMINARY and UNVERIFIED: it waits for a pathologist."""
     report = hd.sr.MeasurementReport(
-        observation_context=observation_context(volumes[0]),
+        observation_context=observation_context(slide),
         procedure_reported=PROCEDURE,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[segmentation, volumes[0]],
+        evidence=evidence,
         content=report,
         series_instance_uid=hd.UID(),
         series_number=series_number,
@@ -205,7 +214,7 @@ def build_measurement_report(
         is_final=False,
         is_verified=False,
     )
-    sr.SeriesDescription = f"{result.profile} IHC measurements (unverified)"
+    sr.SeriesDescription = description
     declare_private_scheme(sr)
     return sr
 
@@ -308,27 +317,9 @@ def build_viewer_report(
                 qualitative_evaluations=evaluations or None,
             )
         )
-    report = hd.sr.MeasurementReport(
-        observation_context=observation_context(base),
-        procedure_reported=PROCEDURE,
-        imaging_measurements=groups,
-        title=codes.DCM.ImagingMeasurementReport,
+    return _unverified_report(
+        groups, base, [base], series_number, f"{result.profile} tumour regions for viewers (unverified)"
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[base],
-        content=report,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=SOFTWARE_NAME,
-        is_complete=True,
-        is_final=False,
-        is_verified=False,
-    )
-    sr.SeriesDescription = f"{result.profile} tumour regions for viewers (unverified)"
-    declare_private_scheme(sr)
-    return sr
 
 
 def _polygon_area_mm2(xyz: np.ndarray) -> float:

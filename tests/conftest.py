@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from adapter.synth import SynthOutput, generate
 from pipeline.synth import SynthSpec
@@ -36,6 +43,58 @@ def require_tool(name: str) -> str:
             pytest.fail(f"required tool {name} is not installed")
         pytest.skip(f"{name} not installed")
     return found
+
+
+def wait_for(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` until true; fail the test after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def storescu_push(port: int, folder: Path, calling_ae: str = "SCANNER1") -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu as the scanner: -R -xy (both needed for JPEG WSI), a folder recursively."""
+    tool = require_tool("storescu")
+    return subprocess.run(
+        [
+            tool,
+            "-aet",
+            calling_ae,
+            "-aec",
+            "IHC_ADAPTER",
+            "-R",
+            "-xy",
+            "+sd",
+            "+r",
+            "127.0.0.1",
+            str(port),
+            str(folder),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ct_image(path: Path) -> Path:
+    """A tiny CT image: DICOM, but not a whole-slide image."""
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.SamplesPerPixel, ds.PixelRepresentation = 15, 1, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
 
 
 SMALL_SPEC = SynthSpec(width=1000, height=760, mpp=0.5, seed=11, tile_size=256)

@@ -9,11 +9,10 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from adapter.synth import SynthOutput
-from tests.conftest import require_tool
+from tests.conftest import require_tool, storescu_push, wait_for
 from tests.orthanc import free_port, running_orthanc
 
 
@@ -59,14 +58,6 @@ def _jobs(db: Path) -> list[tuple[int, str, int]]:
         return con.execute("SELECT id, state, attempts FROM jobs ORDER BY id").fetchall()
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 def _listening(port: int) -> bool:
     import socket
 
@@ -75,49 +66,27 @@ def _listening(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _push(storescu: str, port: int, folder: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            storescu,
-            "-aet",
-            "SCANNER1",
-            "-aec",
-            "IHC_ADAPTER",
-            "-R",
-            "-xy",
-            "+sd",
-            "+r",
-            "127.0.0.1",
-            str(port),
-            str(folder),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_kill_during_scoring_and_restart(small_slide: SynthOutput, tmp_path: Path) -> None:
-    storescu = require_tool("storescu")
+    require_tool("storescu")
     with running_orthanc(tmp_path / "orthanc") as pacs:
         scp_port = free_port()
         cfg = _write_config(tmp_path, scp_port, pacs.peer.port)
         db = tmp_path / "spool" / "jobs.db"
         proc = _serve(cfg, tmp_path / "serve.log")
         try:
-            _wait(lambda: _listening(scp_port), 60, "the service to listen")
+            wait_for(lambda: _listening(scp_port), 60, "the service to listen")
             assert small_slide.dicom_dir
-            assert _push(storescu, scp_port, small_slide.dicom_dir).returncode == 0
-            _wait(lambda: any(state == "running" for _, state, _ in _jobs(db)), 60, "scoring to start")
+            assert storescu_push(scp_port, small_slide.dicom_dir).returncode == 0
+            wait_for(lambda: any(state == "running" for _, state, _ in _jobs(db)), 60, "scoring to start")
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             assert [s for _, s, _ in _jobs(db)] == ["running"]
             proc = _serve(cfg, tmp_path / "serve.log")
-            _wait(lambda: [s for _, s, _ in _jobs(db)] == ["done"], 120, "the job to finish after restart")
+            wait_for(lambda: [s for _, s, _ in _jobs(db)] == ["done"], 120, "the job to finish after restart")
             [(_, _, attempts)] = _jobs(db)
             assert attempts == 2
             with sqlite3.connect(db) as con:
-                _wait(
+                wait_for(
                     lambda: (
                         con.execute("SELECT COUNT(*) FROM deliveries WHERE state='pending'").fetchone()[0] == 0
                         and con.execute("SELECT COUNT(*) FROM deliveries").fetchone()[0] > 0
@@ -137,30 +106,30 @@ def test_kill_during_scoring_and_restart(small_slide: SynthOutput, tmp_path: Pat
 
 
 def test_kill_during_receive_then_resend(small_slide: SynthOutput, tmp_path: Path) -> None:
-    storescu = require_tool("storescu")
+    require_tool("storescu")
     with running_orthanc(tmp_path / "orthanc") as pacs:
         scp_port = free_port()
         cfg = _write_config(tmp_path, scp_port, pacs.peer.port)
         db = tmp_path / "spool" / "jobs.db"
         proc = _serve(cfg, tmp_path / "serve.log")
         try:
-            _wait(lambda: _listening(scp_port), 60, "the service to listen")
+            wait_for(lambda: _listening(scp_port), 60, "the service to listen")
             assert small_slide.dicom_dir
             files = sorted(small_slide.dicom_dir.glob("*.dcm"))
             # Send the first instance, then die before the series is complete.
             first = tmp_path / "first"
             first.mkdir()
             (first / files[0].name).write_bytes(files[0].read_bytes())
-            assert _push(storescu, scp_port, first).returncode == 0
+            assert storescu_push(scp_port, first).returncode == 0
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
             received = list((tmp_path / "spool" / "incoming").rglob("*.dcm"))
             assert len(received) == 1  # acknowledged = on disk
             proc = _serve(cfg, tmp_path / "serve.log")
-            _wait(lambda: _listening(scp_port), 60, "the restarted service to listen")
+            wait_for(lambda: _listening(scp_port), 60, "the restarted service to listen")
             # The scanner sends the whole series (again).
-            assert _push(storescu, scp_port, small_slide.dicom_dir).returncode == 0
-            _wait(lambda: [s for _, s, _ in _jobs(db)] == ["done"], 120, "the series to be scored once")
+            assert storescu_push(scp_port, small_slide.dicom_dir).returncode == 0
+            wait_for(lambda: [s for _, s, _ in _jobs(db)] == ["done"], 120, "the series to be scored once")
             assert len(list((tmp_path / "spool" / "incoming").rglob("*.dcm"))) == len(files)
             assert len(_jobs(db)) == 1
             summary = json.loads(next((tmp_path / "out").rglob("result.json")).read_text())

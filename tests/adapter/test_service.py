@@ -11,16 +11,8 @@ from pathlib import Path
 from adapter.service import Service
 from adapter.synth import SynthOutput
 from config.service import ServiceConfig
-from tests.conftest import require_tool, shared_file
+from tests.conftest import ct_image, require_tool, shared_file, wait_for
 from tests.orthanc import free_port, running_orthanc
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = None) -> ServiceConfig:
@@ -40,28 +32,6 @@ def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = No
     if pacs_port:
         data["destinations"] = [{"name": "pacs", "host": "127.0.0.1", "port": pacs_port, "ae_title": "ORTHANC"}]
     return ServiceConfig(**data)
-
-
-def _ct_image(path: Path) -> None:
-    import numpy as np
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.SeriesInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = 4
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.SamplesPerPixel, ds.PixelRepresentation = 15, 1, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_storescu_push_is_scored_and_results_reach_orthanc(small_slide: SynthOutput, tmp_path: Path) -> None:
@@ -91,9 +61,9 @@ def test_storescu_push_is_scored_and_results_reach_orthanc(small_slide: SynthOut
                 timeout=60,
             )
             assert run.returncode == 0, run.stderr
-            _wait(lambda: service.queue.counts()["done"] == 1, 120, "the job to finish")
+            wait_for(lambda: service.queue.counts()["done"] == 1, 120, "the job to finish")
             job = service.queue.jobs("done")[0]
-            _wait(lambda: service.queue.delivery_states(job.id).get("pending", 0) == 0, 60, "delivery")
+            wait_for(lambda: service.queue.delivery_states(job.id).get("pending", 0) == 0, 60, "delivery")
             delivered = service.queue.delivery_states(job.id)["sent"]
             assert delivered >= 5 and len(pacs.get("/instances")) == delivered
             import urllib.request
@@ -118,9 +88,9 @@ def test_folder_drop_and_poison_input(small_slide: SynthOutput, tmp_path: Path) 
         assert small_slide.ome_tiff
         shutil.copy(shared_file("bad/broken.svs"), incoming / "broken.svs")
         shutil.copy(shared_file("tcga-cr-7395-01a-01-ts1.svs"), incoming / "no-mpp.svs")
-        _ct_image(incoming / "ct.dcm")
+        ct_image(incoming / "ct.dcm")
         shutil.copy(small_slide.ome_tiff, incoming / "slide.ome.tif")
-        _wait(lambda: service.queue.counts()["done"] + service.queue.counts()["quarantined"] == 4, 120, "four jobs")
+        wait_for(lambda: service.queue.counts()["done"] + service.queue.counts()["quarantined"] == 4, 120, "four jobs")
         reasons = sorted(j.reason or "" for j in service.queue.jobs("quarantined"))
         assert len(reasons) == 3
         assert any("broken.svs" in r and "not a DICOM or TIFF" in r for r in reasons)
@@ -144,12 +114,12 @@ def test_destination_down_then_up_delivers_without_rescoring(small_slide: SynthO
     service.series_complete("1.2.3.4", small_slide.dicom_dir)  # as if a series had just arrived
     service.start()
     try:
-        _wait(lambda: service.queue.counts()["done"] == 1, 120, "scoring")
+        wait_for(lambda: service.queue.counts()["done"] == 1, 120, "scoring")
         job = service.queue.jobs("done")[0]
         failed = lambda: any(a > 0 for *_, a in service.queue.pending_deliveries(now=1e12))  # noqa: E731
-        _wait(failed, 30, "a failed delivery while the PACS is down")
+        wait_for(failed, 30, "a failed delivery while the PACS is down")
         with running_orthanc(tmp_path / "orthanc", dicom_port=port) as pacs:
-            _wait(lambda: service.queue.delivery_states(job.id).get("pending", 0) == 0, 60, "delivery")
+            wait_for(lambda: service.queue.delivery_states(job.id).get("pending", 0) == 0, 60, "delivery")
             assert len(pacs.get("/instances")) == service.queue.delivery_states(job.id)["sent"]
         assert service.queue.get(job.id).attempts == 1  # delivered without re-scoring
     finally:
@@ -170,7 +140,7 @@ def test_pacs_initiated_push(small_slide: SynthOutput, tmp_path: Path) -> None:
         service.start()
         try:
             pacs.post("/modalities/adapter/store", pacs.get("/instances"))
-            _wait(lambda: service.queue.counts()["done"] == 1, 120, "the pushed slide to be scored")
+            wait_for(lambda: service.queue.counts()["done"] == 1, 120, "the pushed slide to be scored")
             job = service.queue.jobs("done")[0]
             assert job.kind == "dicom" and len(list(Path(job.path).glob("*.dcm"))) == len(files)
         finally:

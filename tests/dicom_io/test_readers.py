@@ -6,14 +6,11 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from config.errors import ConfigError, SlideReadError
 from dicom_io import open_slide
-from tests.conftest import shared_file
+from tests.conftest import ct_image, shared_file
 
 
 def test_ki67_ome_tiff() -> None:
@@ -114,23 +111,7 @@ def test_truncated_tiff_is_refused(tmp_path: Path) -> None:
 
 
 def test_ct_image_is_refused_with_reason(tmp_path: Path) -> None:
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = 4
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.SamplesPerPixel = 1
-    ds.PixelRepresentation = 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
-    path = tmp_path / "ct.dcm"
-    ds.save_as(path, enforce_file_format=True)
+    path = ct_image(tmp_path / "ct.dcm")
     with pytest.raises(SlideReadError, match=r"ct\.dcm: not a VL Whole Slide Microscopy image: found CT Image Storage"):
         open_slide(path)
 
