@@ -255,6 +255,10 @@ def _service_config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from adapter.service import Service
 
+    if not args.verbose:
+        # pynetdicom logs every association at INFO; keep the service's one line per event.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
     Service(_service_config(args)).run_forever()
     return 0
 
@@ -368,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet = logging.INFO if args.command == "serve" else logging.WARNING  # the service logs its events
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.verbose else quiet,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     try:

@@ -227,5 +227,7 @@ class Service:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
         self.start()
-        done.wait()
+        while not done.wait(0.5):  # a bounded wait lets the signal handler run
+            pass
         self.stop()
+        log.info("event=stopped")

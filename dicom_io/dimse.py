@@ -1,8 +1,9 @@
 """DIMSE networking helpers (pynetdicom): C-ECHO and C-STORE of files.
 
 Each file is proposed with its exact SOP Class and Transfer Syntax (read
-from its meta header, pixel data not read), and sent from disk by path so
-pynetdicom streams it instead of loading it.
+from its meta header, pixel data not read), and sent from disk by path with
+pynetdicom's ``STORE_SEND_CHUNKED_DATASET``, so it is streamed in PDU-sized
+chunks instead of being decoded into memory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pynetdicom import AE, build_context
+from pynetdicom import AE, _config, build_context
 
 from config.errors import IhcAdapterError
 
@@ -67,6 +68,8 @@ def send_files(
     paths: Sequence[Path], peer: Peer, calling_ae: str = "IHC_ADAPTER", timeout_s: float = 30.0
 ) -> list[StoreResult]:
     """C-STORE every file to ``peer``; raises :class:`DimseError` if no association."""
+    # Stream each file's encoded dataset in PDU-sized chunks instead of decoding it.
+    _config.STORE_SEND_CHUNKED_DATASET = True
     described = [(Path(p), *_describe(Path(p))) for p in paths]
     results: list[StoreResult] = []
     pairs = sorted({(sop, ts) for _, sop, ts in described})

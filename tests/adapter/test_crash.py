@@ -137,3 +137,18 @@ def test_kill_during_receive_then_resend(small_slide: SynthOutput, tmp_path: Pat
         finally:
             proc.kill()
             proc.wait(10)
+
+
+def test_sigterm_stops_the_service_cleanly(tmp_path: Path) -> None:
+    scp_port = free_port()
+    cfg = _write_config(tmp_path, scp_port, free_port())
+    proc = _serve(cfg, tmp_path / "serve.log")
+    try:
+        wait_for(lambda: _listening(scp_port), 60, "the service to listen")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not _listening(scp_port)
+        assert "event=shutdown" in (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -145,3 +145,27 @@ def test_pacs_initiated_push(small_slide: SynthOutput, tmp_path: Path) -> None:
             assert job.kind == "dicom" and len(list(Path(job.path).glob("*.dcm"))) == len(files)
         finally:
             service.stop()
+
+
+def test_dicom_series_copied_file_by_file_is_scored_once(small_slide: SynthOutput, tmp_path: Path) -> None:
+    incoming = tmp_path / "incoming"
+    incoming.mkdir()
+    service = Service(_config(tmp_path, None, [incoming]))
+    service.start()
+    try:
+        assert small_slide.dicom_dir
+        nested = incoming / "scanner" / "slide-1"
+        nested.mkdir(parents=True)
+        for path in sorted(small_slide.dicom_dir.glob("*.dcm")):
+            # As a copy tool writes it: a temporary name first, then renamed.
+            part = nested / (path.name + ".part")
+            part.write_bytes(path.read_bytes())
+            part.rename(nested / path.name)
+            time.sleep(0.3)
+        wait_for(lambda: service.queue.counts()["done"] == 1, 120, "the series to be scored")
+        time.sleep(1.5)
+        jobs = service.queue.jobs()
+        assert len(jobs) == 1 and jobs[0].kind == "dicom" and jobs[0].attempts == 1
+        assert len(list(Path(jobs[0].path).glob("*.dcm"))) == len(list(small_slide.dicom_dir.glob("*.dcm")))
+    finally:
+        service.stop()
