@@ -93,3 +93,52 @@ def test_unknown_calling_ae_is_refused(scp) -> None:  # type: ignore[no-untyped-
         timeout=30,
     )
     assert good.returncode == 0, good.stderr
+
+
+def test_tls_listener(tmp_path: Path) -> None:
+    """C-ECHO over TLS with a self-signed certificate; plain TCP is then refused."""
+    import ssl
+
+    from pynetdicom import AE
+
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    config = ScpConfig(host="127.0.0.1", port=free_port(), tls={"certificate": cert, "key": key})
+    server = StorageSCP(config, tmp_path / "spool", lambda uid, folder: None)
+    server.start()
+    try:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        ae = AE(ae_title="SCANNER1")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        ae.acse_timeout = ae.network_timeout = 10
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="IHC_ADAPTER", tls_args=(client, "localhost"))
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        plain = ae.associate("127.0.0.1", server.port, ae_title="IHC_ADAPTER")
+        assert not plain.is_established
+    finally:
+        server.stop()
