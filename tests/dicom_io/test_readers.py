@@ -138,3 +138,24 @@ def test_truncated_dicom_is_refused(tmp_path: Path) -> None:
     cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
     with pytest.raises(SlideReadError, match=r"cut\.dcm"), open_slide(cut) as s:
         s.read_region(0, 0, 0, 50, 50)
+
+
+@pytest.mark.parametrize(
+    ("name", "mpp"),
+    [
+        ("cmu_small_region.svs", None),
+        ("tcga-cr-7395-01a-01-ts1.svs", 0.5),
+        ("OS-2-vsi.ome.tif", None),
+        ("boxes.tiff", 1.0),
+    ],
+)
+def test_direct_tile_reads_equal_tifffile(name: str, mpp: float | None) -> None:
+    import tifffile
+
+    path = shared_file(name)
+    with open_slide(path, mpp=mpp) as s, tifffile.TiffFile(path) as tf:
+        for i, level in enumerate(s.levels[:2]):
+            full = tf.series[0].levels[i].asarray()
+            x, y = level.width // 3, level.height // 4
+            w, h = min(300, level.width - x), min(200, level.height - y)
+            assert np.array_equal(s.read_region(i, x, y, w, h), full[y : y + h, x : x + w, :3])
