@@ -139,6 +139,8 @@ class SegmentationSettings(_Frozen):
     tumour_min_nucleus_um2: float = Field(
         25.0, ge=0, description="builtin: mean nuclear area (µm²) a tumour region must reach"
     )
+    refine_to_nuclei: bool = Field(True, description="builtin: pull region edges in to the cells that make them up")
+    refine_reach_um: float = Field(12.0, gt=0, description="builtin: how far a tumour cell's territory reaches")
     model: Path | None = Field(None, description="TorchScript model file (required for method='model')")
     model_mpp: float = Field(2.0, gt=0, description="model input resolution (µm/px)")
     model_tile_size: int = Field(256, ge=16, le=4096)

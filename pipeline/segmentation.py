@@ -105,10 +105,39 @@ def builtin_segmentation(
     # Back to the tissue-mask resolution (bilinear on the score keeps edges smooth).
     score = ndimage.zoom(tumour_grid.astype(np.float32), (h / gh, w / gw), order=1, grid_mode=True, mode="nearest")
     tumour = _fit(score, (h, w)) >= 0.5
+    if settings.refine_to_nuclei and tumour.any():
+        tumour = _refine_to_nuclei(tumour, x_um, y_um, nucleus_area_um2, tissue.mpp, settings)
     labels = np.full((h, w), FAT_BACKGROUND, np.uint8)
     labels[tissue.mask] = STROMA
     labels[tissue.mask & tumour] = TUMOUR
     return CompartmentMap(labels=labels, mpp=tissue.mpp, method="builtin")
+
+
+def _refine_to_nuclei(
+    tumour: np.ndarray,
+    x_um: np.ndarray,
+    y_um: np.ndarray,
+    area_um2: np.ndarray,
+    mpp: float,
+    settings: SegmentationSettings,
+) -> np.ndarray:
+    """Pull the smoothed region's edge in to the cells that make it up.
+
+    Smoothing spreads a crowded region about one smoothing radius into its
+    surroundings; a pathologist draws tumour around the tumour cells. Keep
+    the region's pixels that hold, or touch, a large enough nucleus, then
+    close small gaps between cells.
+    """
+    h, w = tumour.shape
+    col = np.clip((x_um / mpp).astype(np.int64), 0, w - 1)
+    row = np.clip((y_um / mpp).astype(np.int64), 0, h - 1)
+    big = area_um2 >= settings.tumour_min_nucleus_um2
+    occupied = np.zeros((h, w), bool)
+    occupied[row[big], col[big]] = True
+    reach = max(1, round(settings.refine_reach_um / mpp))
+    near = ndimage.binary_dilation(occupied, iterations=reach)
+    refined = tumour & near
+    return ndimage.binary_closing(refined, iterations=reach) & tumour
 
 
 def _fit(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
