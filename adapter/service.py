@@ -51,7 +51,6 @@ class Service:
             config.scoring.profile, [*config.scoring.overrides, f"tiling.workers={config.scoring.workers}"]
         )
         self.queue = JobQueue(config.paths.database)
-        self.quarantine_dir = config.paths.quarantine or config.paths.spool / "quarantine"
         self.scp = StorageSCP(config.scp, config.paths.spool, self.series_complete) if config.scp.enabled else None
         self.watcher = (
             FolderWatcher(config.watch, config.paths.spool, self.file_arrived, self.series_from_folder)

@@ -37,7 +37,6 @@ def _ae_title(value: str) -> str:
 class PathsConfig(_Frozen):
     spool: Path = Field(Path("/data/spool"), description="received objects and the job database")
     output: Path = Field(Path("/data/output"), description="results, one folder per job")
-    quarantine: Path | None = Field(None, description="where poison input is moved (default spool/quarantine)")
 
     @property
     def database(self) -> Path:
