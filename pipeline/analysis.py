@@ -135,9 +135,10 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
     cells = {k: v[own] for k, v in table.items()}
     cells["x_um"] = (x + cx[own] + 0.5) * mpp
     cells["y_um"] = (y + cy[own] + 0.5) * mpp
-    # Pixel classes inside cells, binned on the tissue-mask grid (pixel H-score).
+    # Pixel classes in the score compartment, binned on the tissue-mask grid (pixel H-score).
     core_sl = (slice(margin, margin + h), slice(margin, margin + w))
-    in_cell = tc.cells[core_sl] > 0
+    nuclei, cells_px = tc.nuclei[core_sl] > 0, tc.cells[core_sl] > 0
+    in_cell = {"nucleus": nuclei, "cell": cells_px}.get(s.intensity.compartment, cells_px & ~nuclei)
     dab = od[..., 1][core_sl][in_cell]
     yy, xx = np.nonzero(in_cell)
     scale = mpp / ctx.tissue_mpp
