@@ -12,7 +12,7 @@ import pytest
 from adapter.scp import StorageSCP
 from adapter.synth import SynthOutput
 from config.service import ScpConfig
-from tests.conftest import require_tool
+from tests.conftest import require_tool, storescu_push
 from tests.orthanc import free_port
 
 
@@ -42,27 +42,8 @@ def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_storescu_push_is_durable_and_completes_the_series(scp, small_slide: SynthOutput) -> None:  # type: ignore[no-untyped-def]
     server, done, event = scp
-    tool = require_tool("storescu")
     assert small_slide.dicom_dir
-    run = subprocess.run(
-        [
-            tool,
-            "-aet",
-            "SCANNER1",
-            "-aec",
-            "IHC_ADAPTER",
-            "-R",
-            "-xy",
-            "+sd",
-            "+r",
-            "127.0.0.1",
-            str(server.port),
-            str(small_slide.dicom_dir),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    run = storescu_push(server.port, small_slide.dicom_dir)
     assert run.returncode == 0, run.stderr
     assert event.wait(15), "series never completed"
     [(uid, folder)] = done

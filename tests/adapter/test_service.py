@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 from adapter.service import Service
 from adapter.synth import SynthOutput
 from config.service import ServiceConfig
-from tests.conftest import ct_image, require_tool, shared_file, wait_for
+from tests.conftest import ct_image, require_tool, shared_file, storescu_push, wait_for
 from tests.orthanc import free_port, running_orthanc
 
 
@@ -35,31 +34,12 @@ def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = No
 
 
 def test_storescu_push_is_scored_and_results_reach_orthanc(small_slide: SynthOutput, tmp_path: Path) -> None:
-    storescu = require_tool("storescu")
     with running_orthanc(tmp_path / "orthanc") as pacs:
         service = Service(_config(tmp_path, pacs.peer.port))
         service.start()
         try:
             assert small_slide.dicom_dir
-            run = subprocess.run(
-                [
-                    storescu,
-                    "-aet",
-                    "SCANNER1",
-                    "-aec",
-                    "IHC_ADAPTER",
-                    "-R",
-                    "-xy",
-                    "+sd",
-                    "+r",
-                    "127.0.0.1",
-                    str(service.config.scp.port),
-                    str(small_slide.dicom_dir),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+            run = storescu_push(service.config.scp.port, small_slide.dicom_dir)
             assert run.returncode == 0, run.stderr
             wait_for(lambda: service.queue.counts()["done"] == 1, 120, "the job to finish")
             job = service.queue.jobs("done")[0]
