@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -145,7 +146,10 @@ def generate(
     tmp = Path(tempfile.mkdtemp(prefix=".pyramid-", dir=out_dir))
     executor: Executor | _InlineExecutor
     if workers > 1:
-        executor = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(spec, model.thresholds))
+        # A fork server, not a fork of this (possibly threaded) process.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["adapter.synth"])
+        executor = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(spec, model.thresholds))
     else:
         executor = _InlineExecutor(spec, model.thresholds)
     try:

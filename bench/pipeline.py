@@ -18,6 +18,7 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -128,6 +129,53 @@ def _write_results(result: SlideResult, slide: Slide, mode: str, workdir: Path) 
         shutil.rmtree(out, ignore_errors=True)
 
 
+class _WorkerPeakRss:
+    """Largest peak RSS (VmHWM) of any descendant process, sampled from /proc.
+
+    The pipeline's workers come from a fork server, so they are not this
+    process' children and ``RUSAGE_CHILDREN`` does not see them.
+    """
+
+    def __init__(self, period_s: float = 0.25) -> None:
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period_s,), daemon=True)
+
+    def __enter__(self) -> _WorkerPeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self, period_s: float) -> None:
+        while not self._stop.wait(period_s):
+            for pid in _descendants(os.getpid()):
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
+                except OSError:
+                    pass  # it ended between the listing and the read
+
+
+def _descendants(root: int) -> list[int]:
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        kids = [pid for pid, ppid in parent.items() if ppid in frontier]
+        found += kids
+        frontier = kids
+    return found
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, nargs=2, default=(40000, 40000))
@@ -154,7 +202,7 @@ def main() -> None:
 
     opener = functools.partial(open_slide, path)
     t = time.perf_counter()
-    with opener() as slide:
+    with opener() as slide, _WorkerPeakRss() as workers_rss:
         result = analyse(slide, settings, opener=opener, progress=sys.stderr.isatty())
         wall = time.perf_counter() - t
         write_s, write_rss_mb, objects = _write_results(result, slide, a.results, Path(a.workdir))
@@ -165,7 +213,7 @@ def main() -> None:
         for name in ("read", "deconvolution", "cells", "measure")
     }
     main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    child_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    child_mb = workers_rss.peak_mb
     e2e = tissue_mpx / wall
     print(f"slide              {path}")
     print(f"tissue             {tissue_mpx:.0f} MP at {mpp} µm/px in {len(result.cells['x_um'])} cells")

@@ -16,6 +16,7 @@ read.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ from pipeline.segmentation import (
     builtin_segmentation,
 )
 from pipeline.slide import Slide
-from pipeline.stains import Background, StainMatrix, deconvolve, estimate_macenko, rgb_to_od
+from pipeline.stains import Background, StainMatrix, estimate_macenko, rgb_to_od, stain_planes
 from pipeline.tissue import TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,11 @@ def _init_worker(
     tissue_shape: tuple[int, int],
 ) -> None:
     global _CTX  # one context per worker process
+    import cv2
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one worker per core: no nested thread pools
+    cv2.setNumThreads(1)
     _CTX = _TileContext(opener(), settings, stains, background, tissue_mpp, tissue_shape)
 
 
@@ -124,10 +127,10 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
     t0 = time.perf_counter()
     pixels, _ = ctx.slide.read_at_mpp(mpp, x - margin, y - margin, w + 2 * margin, h + 2 * margin)
     t1 = time.perf_counter()
-    od = deconvolve(pixels, ctx.stains, ctx.background)
-    od_sum = rgb_to_od(pixels, ctx.background).sum(axis=-1) if s.nuclei.detection_image == "od_sum" else od[..., 0]
+    h_od, dab_od = stain_planes(pixels, ctx.stains, ctx.background)
+    od_sum = rgb_to_od(pixels, ctx.background).sum(axis=-1) if s.nuclei.detection_image == "od_sum" else h_od
     t2 = time.perf_counter()
-    tc = detect_cells(od[..., 0], od[..., 1], od_sum, mpp, s.nuclei, s.intensity)
+    tc = detect_cells(h_od, dab_od, od_sum, mpp, s.nuclei, s.intensity)
     t3 = time.perf_counter()
     table = tc.table
     cx, cy = table["x"] - margin, table["y"] - margin
@@ -139,7 +142,7 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
     core_sl = (slice(margin, margin + h), slice(margin, margin + w))
     nuclei, cells_px = tc.nuclei[core_sl] > 0, tc.cells[core_sl] > 0
     in_cell = {"nucleus": nuclei, "cell": cells_px}.get(s.intensity.compartment, cells_px & ~nuclei)
-    dab = od[..., 1][core_sl][in_cell]
+    dab = dab_od[core_sl][in_cell]
     yy, xx = np.nonzero(in_cell)
     scale = mpp / ctx.tissue_mpp
     th, tw = ctx.tissue_shape
@@ -227,7 +230,12 @@ def analyse(
     iterator: Any
     pool = None
     if workers > 1 and opener is not None:
-        pool = ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(opener, *args))
+        # Workers come from a fork server, not a fork of this process: forking a
+        # process whose OpenCV/torch thread pools (or a service's threads) are
+        # running can deadlock the child.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["pipeline.analysis"])
+        pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(opener, *args))
         iterator = pool.map(_process_tile, cores, chunksize=4)
     else:
         ctx = _TileContext(slide, *args)

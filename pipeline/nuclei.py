@@ -15,8 +15,10 @@ For one tile of haematoxylin / DAB optical density at the requested pixel size:
 6. *Cell expansion*: each nucleus grows by up to that distance, never into
    a neighbour (nearest-nucleus partition), as QuPath does.
 
-Every measurement is a vectorised ``bincount`` / ``ndimage`` reduction over
-label images: there is no Python loop per cell.
+The image operations are OpenCV's (Gaussian blur, morphology, connected
+components, distance transforms with nearest-source labels: several times
+faster than scipy.ndimage on one core); every measurement is a vectorised
+``bincount`` / scatter-reduce over label images: there is no Python loop per cell.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import cv2
 import numpy as np
 import torch
 from scipy import ndimage
@@ -69,48 +72,36 @@ def _disk(radius: float) -> np.ndarray:
     return np.asarray(xx * xx + yy * yy <= radius * radius + 0.5)
 
 
+def _gaussian(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Gaussian smoothing truncated at 3 σ, edges mirrored."""
+    k = 2 * int(np.ceil(3.0 * sigma_px)) + 1
+    return cv2.GaussianBlur(image, (k, k), sigma_px, borderType=cv2.BORDER_REFLECT)
+
+
+def _square(size: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
+
+
 def detection_image(
     h_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings, mpp: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Steps 1–3: the smoothed image the threshold is applied to, and a finely
     smoothed one (σ = 0.5 µm) that trims each nucleus to its own pixels."""
-    det = h_od if settings.detection_image == "hematoxylin" else od_sum
-    det = det.astype(np.float32, copy=False)
+    det = np.ascontiguousarray(h_od if settings.detection_image == "hematoxylin" else od_sum, dtype=np.float32)
     if settings.median_radius_um > 0:
         det = ndimage.median_filter(det, footprint=_disk(settings.median_radius_um / mpp))
     valid = None
     if settings.background_radius_um > 0:
         size = 2 * max(1, round(settings.background_radius_um / mpp)) + 1
-        background = ndimage.maximum_filter(ndimage.minimum_filter(det, size), size)
+        background = cv2.morphologyEx(det, cv2.MORPH_OPEN, _square(size))
         det = det - background
         valid = background <= settings.max_background
-    fine = ndimage.gaussian_filter(det, 0.5 / mpp, truncate=3.0)
-    det = ndimage.gaussian_filter(det, settings.sigma_um / mpp, truncate=3.0)
+    fine = _gaussian(det, 0.5 / mpp)
+    det = _gaussian(det, settings.sigma_um / mpp)
     if valid is not None and not valid.all():
-        det = np.where(valid, det, 0.0).astype(np.float32)
-        fine = np.where(valid, fine, 0.0).astype(np.float32)
+        det = np.where(valid, det, np.float32(0))
+        fine = np.where(valid, fine, np.float32(0))
     return det, fine
-
-
-def _opening_background(det: np.ndarray, radius_px: float) -> np.ndarray:
-    """Grey opening (erosion then dilation) of radius ``radius_px``: the background under nuclei.
-
-    The background varies slowly, so the opening runs on a 4× block-minimum
-    image (a square of the same radius) and is upsampled with nearest
-    neighbour; this is 10× faster than at full resolution and differs from
-    it by less than one block.
-    """
-    f = 4 if radius_px >= 8 else 1
-    if f == 1:
-        size = 2 * max(1, round(radius_px)) + 1
-        return ndimage.maximum_filter(ndimage.minimum_filter(det, size), size)
-    h, w = det.shape
-    ph, pw = -h % f, -w % f
-    padded = np.pad(det, ((0, ph), (0, pw)), mode="edge")
-    small = padded.reshape((h + ph) // f, f, (w + pw) // f, f).min(axis=(1, 3))
-    size = 2 * max(1, round(radius_px / f)) + 1
-    opened = ndimage.maximum_filter(ndimage.minimum_filter(small, size), size)
-    return np.repeat(np.repeat(opened, f, axis=0), f, axis=1)[:h, :w]
 
 
 def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: np.ndarray | None = None) -> np.ndarray:
@@ -120,53 +111,40 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
     nucleus keeps only its pixels where ``fine`` also exceeds the threshold,
     so the smoothing sigma does not bloat nuclei into their cytoplasm.
     """
-    fg = det > settings.threshold
+    fg = np.ascontiguousarray(det > settings.threshold)
     if not fg.any():
         return np.zeros(det.shape, np.int32)
-    pieces, n_pieces = ndimage.label(fg)
+    fg8 = fg.view(np.uint8)
+    n_pieces, pieces = cv2.connectedComponents(fg8, connectivity=4, ltype=cv2.CV_32S)
     labels = pieces
     if settings.split_by_shape:
-        # Chamfer distances: 4× cheaper than Euclidean and enough to find centres.
-        dist = ndimage.gaussian_filter(ndimage.distance_transform_cdt(fg, metric="taxicab").astype(np.float32), 1.0)
+        dist = _gaussian(cv2.distanceTransform(fg8, cv2.DIST_L2, 5), 1.0)
         # Peaks at least a typical nucleus radius apart.
         size = 2 * max(1, round(SPLIT_RADIUS_UM / mpp)) + 1
-        peaks = (dist == ndimage.maximum_filter(dist, size)) & fg & (dist > 1.0)
-        markers, n_markers = ndimage.label(peaks)
-        if n_markers:
-            # One marker per peak plateau: the plateau's first pixel.
-            _, (iy, ix) = ndimage.distance_transform_cdt(markers == 0, metric="taxicab", return_indices=True)
-            nearest = markers[iy, ix]
-            # Only split within the connected piece that holds the marker.
-            marker_piece = np.zeros(n_markers + 1, np.int32)
-            marker_piece[markers[peaks]] = pieces[peaks]
+        peaks = (dist == cv2.dilate(dist, _square(size))) & fg & (dist > 1.0)
+        if peaks.any():
+            # Each foreground pixel goes to its nearest peak plateau (numbered by OpenCV) ...
+            _, nearest = cv2.distanceTransformWithLabels(
+                (~peaks).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
+            )
+            # ... but only within the connected piece that holds the peak.
+            marker_piece = np.zeros(int(nearest.max()) + 1, np.int32)
+            marker_piece[nearest[peaks]] = pieces[peaks]
             same = marker_piece[nearest] == pieces
             labels = np.where(fg & same, nearest + n_pieces, pieces)
-            labels[~fg] = 0
-    labels, _, n = _relabel(labels)
-    if fine is not None and n:
+    n = int(labels.max())  # labels need not be consecutive until the end
+    if fine is not None:
         # Half-maximum edge: a blurred step's true edge is where it falls to half its height.
         peak = np.zeros(n + 1, np.float32)
         peak[1:] = label_max(fine, labels, n)
         cut = np.maximum(settings.threshold, 0.5 * peak)
         labels = np.where(fine >= cut[labels], labels, 0)
-        labels, _, _ = _relabel(labels)
-    px_area = mpp * mpp
-    areas = np.bincount(labels.ravel()) * px_area
+    areas = np.bincount(labels.ravel(), minlength=n + 1) * (mpp * mpp)
     keep = (areas >= settings.min_area_um2) & (areas <= settings.max_area_um2)
     keep[0] = False
-    labels = np.where(keep[labels], labels, 0)
-    labels, _, _ = _relabel(labels)
-    return labels
-
-
-def _relabel(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Consecutive labels 1..n (0 stays background), in O(pixels)."""
-    present = np.bincount(labels.ravel()) > 0
-    present[0] = False
-    used = np.flatnonzero(present)
-    lut = np.zeros(present.size, np.int32)
-    lut[used] = np.arange(1, used.size + 1, dtype=np.int32)
-    return lut[labels], used, int(used.size)
+    # Kept labels become 1..k in one lookup; the others 0.
+    lut = (np.cumsum(keep) * keep).astype(np.int32)
+    return lut[labels]
 
 
 def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -175,19 +153,16 @@ def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, n
     Returns the cell labels and each pixel's distance (px) to its nucleus.
     """
     if not nuclei.any():
-        return nuclei.copy(), np.zeros(nuclei.shape, np.float64)
-    h, w = nuclei.shape
-    if expansion_px >= 6:
-        # Distances at half resolution (4× fewer pixels); nuclei keep their own pixels.
-        half = nuclei[::2, ::2]
-        d2, (iy, ix) = ndimage.distance_transform_edt(half == 0, return_indices=True)
-        near = np.repeat(np.repeat(half[iy, ix], 2, axis=0), 2, axis=1)[:h, :w]
-        dist = np.repeat(np.repeat(d2 * 2.0, 2, axis=0), 2, axis=1)[:h, :w]
-        cells = np.where(nuclei > 0, nuclei, near)
-        dist = np.where(nuclei > 0, 0.0, dist)
-    else:
-        dist, (iy, ix) = ndimage.distance_transform_edt(nuclei == 0, return_indices=True)
-        cells = nuclei[iy, ix]
+        return nuclei.copy(), np.zeros(nuclei.shape, np.float32)
+    flat = nuclei.ravel()
+    # OpenCV numbers the source (nucleus) pixels 1, 2, … in raster order and
+    # labels every pixel with its nearest one.
+    dist, nearest = cv2.distanceTransformWithLabels(
+        (nuclei == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
+    )
+    owner = np.zeros(int(np.count_nonzero(flat)) + 1, np.int32)
+    owner[1:] = flat[flat != 0]
+    cells = owner[nearest]
     cells[dist > expansion_px] = 0
     return cells, dist
 
@@ -236,13 +211,9 @@ def membrane_rings(
     )
 
 
-def _mean(values: np.ndarray, labels: np.ndarray, n: int, counts: np.ndarray | None = None) -> np.ndarray:
-    """Mean of ``values`` per label 1..n (NaN for an empty label); ``counts`` may be passed in."""
-    if counts is None:
-        counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    sums = np.bincount(labels.ravel(), weights=values.ravel(), minlength=n + 1)[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return sums / counts
+def _sums(labels: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """Sum of ``weights`` (or the pixel count) per label 1..n; both flat."""
+    return np.bincount(labels, weights=weights, minlength=n + 1)[1 : n + 1]
 
 
 @lru_cache(maxsize=8)
@@ -275,35 +246,42 @@ def measure_cells(
     mpp: float,
     intensity: IntensitySettings,
 ) -> dict[str, np.ndarray]:
-    """Per-cell centroid (tile px), areas and DAB statistics per compartment."""
+    """Per-cell centroid (tile px), areas and DAB statistics per compartment.
+
+    ``cells`` must hold each nucleus' pixels under its own label (as
+    :func:`expand_cells` returns), so the cytoplasm is the cell minus its nucleus.
+    """
     n = int(nuclei.max())
     if n == 0:
         return {c: np.zeros(0) for c in CELL_COLUMNS}
-    flat = nuclei.ravel()
+    # Labels as intp once: bincount and scatter-reduce would each convert them.
+    nuc, cel = nuclei.ravel().astype(np.intp), cells.ravel().astype(np.intp)
+    dab = np.ascontiguousarray(dab_od, dtype=np.float64).ravel()
     xs, ys = _coordinates(nuclei.shape)
-    counts = np.bincount(flat, minlength=n + 1)[1:]
-    cx = np.bincount(flat, weights=xs, minlength=n + 1)[1:] / counts
-    cy = np.bincount(flat, weights=ys, minlength=n + 1)[1:] / counts
-    cyto = np.where(nuclei > 0, 0, cells)
-    cell_counts = np.bincount(cells.ravel(), minlength=n + 1)[1:]
+    counts = _sums(nuc, n)
+    cell_counts = _sums(cel, n)
+    nucleus_dab, cell_dab = _sums(nuc, n, dab), _sums(cel, n, dab)
     mem_mean, mem_max, mem_pos = membrane_rings(
         cells, nuclei, dist_px, dab_od, n, intensity.membrane_width_um / mpp, intensity.thresholds[0]
     )
     px = mpp * mpp
+    cyto_counts = cell_counts - counts
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cytoplasm_dab = np.where(cyto_counts > 0, (cell_dab - nucleus_dab) / cyto_counts, 0.0)
     return {
-        "x": cx,
-        "y": cy,
+        "x": _sums(nuc, n, xs) / counts,
+        "y": _sums(nuc, n, ys) / counts,
         "nucleus_area_um2": counts * px,
         "cell_area_um2": cell_counts * px,
-        "nucleus_h": _mean(h_od, nuclei, n, counts),
-        "nucleus_dab_mean": _mean(dab_od, nuclei, n, counts),
-        "nucleus_dab_max": label_max(dab_od, nuclei, n),
-        "cytoplasm_dab_mean": np.nan_to_num(_mean(dab_od, cyto, n)),
+        "nucleus_h": _sums(nuc, n, np.ascontiguousarray(h_od, dtype=np.float64).ravel()) / counts,
+        "nucleus_dab_mean": nucleus_dab / counts,
+        "nucleus_dab_max": label_max(dab_od, nuc, n),
+        "cytoplasm_dab_mean": cytoplasm_dab,
         "membrane_dab_mean": mem_mean,
         "membrane_dab_max": mem_max,
         "membrane_positive_fraction": mem_pos,
-        "cell_dab_mean": _mean(dab_od, cells, n, cell_counts),
-        "cell_dab_max": label_max(dab_od, cells, n),
+        "cell_dab_mean": cell_dab / cell_counts,
+        "cell_dab_max": label_max(dab_od, cel, n),
     }
 
 
@@ -316,6 +294,7 @@ def detect_cells(
     intensity: IntensitySettings,
 ) -> TileCells:
     """Detect nuclei, expand to cells and measure them, for one tile."""
+    h_od, dab_od = np.ascontiguousarray(h_od), np.ascontiguousarray(dab_od)
     det, fine = detection_image(h_od, od_sum, settings, mpp)
     nuclei = segment_nuclei(det, settings, mpp, fine)
     cells, dist = expand_cells(nuclei, settings.cell_expansion_um / mpp)

@@ -8,7 +8,9 @@ gets the same deconvolution.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
+import cv2
 import numpy as np
 
 #: QuPath H-DAB default: haematoxylin optical-density vector (R, G, B).
@@ -47,36 +49,44 @@ class StainMatrix:
 Background = float | tuple[float, float, float]
 
 
-def rgb_to_od(rgb: np.ndarray, background: Background = 255.0) -> np.ndarray:
-    """Optical density ``log10(I0 / I)`` per channel, float32 (≥ 0; zero intensity clipped to 1).
-
-    ``background`` is the white level I0, one value or one per channel.
-    """
+def _per_channel(background: Background) -> tuple[float, float, float]:
     if isinstance(background, (int, float)):
-        return _od_table(float(background))[rgb]
-    out = np.empty(rgb.shape, np.float32)
-    for c in range(3):
-        out[..., c] = _od_table(float(background[c]))[rgb[..., c]]
-    return out
+        return (float(background),) * 3
+    r, g, b = background
+    return (float(r), float(g), float(b))
 
 
-_OD_TABLES: dict[float, np.ndarray] = {}
+@lru_cache(maxsize=16)
+def _od_lut(background: tuple[float, float, float]) -> np.ndarray:
+    """Lookup table uint8 → OD, one column per channel, shaped for ``cv2.LUT``."""
+    values = np.maximum(np.arange(256, dtype=np.float64), 1.0)
+    table = np.stack([np.maximum(np.log10(bg / values), 0.0) for bg in background], axis=-1)
+    return table.astype(np.float32)[None]
 
 
-def _od_table(background: float) -> np.ndarray:
-    """Lookup table uint8 → OD (cached per background value)."""
-    table = _OD_TABLES.get(background)
-    if table is None:
-        values = np.maximum(np.arange(256, dtype=np.float64), 1.0)
-        table = np.maximum(np.log10(background / values), 0.0).astype(np.float32)
-        _OD_TABLES[background] = table
-    return table
+def rgb_to_od(rgb: np.ndarray, background: Background = 255.0) -> np.ndarray:
+    """Optical density ``log10(I0 / I)`` per channel of ``(..., 3)`` uint8 RGB, float32
+    (≥ 0; zero intensity clipped to 1). ``background`` is the white level I0,
+    one value or one per channel."""
+    flat = np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1, 1, 3)
+    return cv2.LUT(flat, _od_lut(_per_channel(background))).reshape(rgb.shape)
 
 
 def deconvolve(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> np.ndarray:
     """Ruifrok–Johnston colour deconvolution: ``(..., 3)`` RGB → H, DAB, residual OD."""
     inverse = np.linalg.inv(stains.matrix()).astype(np.float32)
-    return rgb_to_od(rgb, background) @ inverse
+    od = rgb_to_od(rgb, background).reshape(-1, 1, 3)
+    return cv2.transform(od, np.ascontiguousarray(inverse.T)).reshape(rgb.shape)
+
+
+def stain_planes(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> tuple[np.ndarray, np.ndarray]:
+    """Haematoxylin and DAB optical density of ``(h, w, 3)`` RGB as two contiguous
+    float32 images (what the cell detector reads; the residual is not computed)."""
+    inverse = np.linalg.inv(stains.matrix()).astype(np.float32)
+    od = rgb_to_od(rgb, background)
+    h = cv2.transform(od, np.ascontiguousarray(inverse.T[0:1]))
+    dab = cv2.transform(od, np.ascontiguousarray(inverse.T[1:2]))
+    return h.reshape(rgb.shape[:-1]), dab.reshape(rgb.shape[:-1])
 
 
 def angle_deg(a: np.ndarray | tuple[float, ...], b: np.ndarray | tuple[float, ...]) -> float:
