@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from adapter import logs
 from config.errors import IhcAdapterError
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # pynetdicom logs every association at INFO; keep the service's one line per event.
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
-    Service(_service_config(args)).run_forever()
+    config = _service_config(args)
+    logs.configure(logging.DEBUG if args.verbose else logging.INFO, config.service.log_format)
+    Service(config).run_forever()
     return 0
 
 
@@ -373,10 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet = logging.INFO if args.command == "serve" else logging.WARNING  # the service logs its events
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else quiet,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    logs.configure(logging.DEBUG if args.verbose else quiet)
     try:
         return int(args.func(args))
     except IhcAdapterError as exc:

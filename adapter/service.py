@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from adapter.http import StatusServer
 from adapter.queue import Job, JobQueue
@@ -120,8 +121,19 @@ class Service:
         for dest in self.config.destinations:
             self.queue.plan_deliveries(job.id, dest.name, files)
         self.queue.finish(job.id, str(out))
-        log.info("event=done job=%d alerts=%s", job.id, ",".join(a["code"] for a in result.alerts) or "none")
+        alerts = ",".join(a["code"] for a in result.alerts) or "none"
+        log.info("event=done job=%d alerts=%s%s", job.id, alerts, self._patient_fields(result.slide))
         self._after(job)
+
+    def _patient_fields(self, slide: dict[str, Any]) -> str:
+        """`` accession=… patient_id=…`` where the site allows patient data in logs, else nothing."""
+        if not self.config.service.log_patient_data:
+            return ""
+        meta = slide.get("metadata") or {}
+        patient = meta.get("patient") or {}
+        accession = str(meta.get("accession_number") or "-").replace(" ", "_")
+        patient_id = str(patient.get("id") or "-").replace(" ", "_")
+        return f" accession={accession} patient_id={patient_id}"
 
     def _after(self, job: Job) -> None:
         """Leave, move or delete the watched input files once their job is done."""

@@ -107,7 +107,12 @@ class Destination(_Frozen):
 class ServiceOptions(_Frozen):
     concurrency: int = Field(1, ge=1, le=16, description="slides scored at once")
     poll_seconds: float = Field(1.0, gt=0)
-    log_patient_data: bool = Field(False, description="include patient names/IDs in logs")
+    log_patient_data: bool = Field(
+        False, description="add the patient ID and accession number to each job's 'done' event (off: never logged)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text: 'time level logger event=… key=value'; json: one JSON object per line"
+    )
     http_port: int = Field(0, ge=0, le=65535, description="/healthz and /metrics on 127.0.0.1; 0 = off")
     retry_base_seconds: float = Field(5.0, gt=0)
     retry_max_seconds: float = Field(3600.0, gt=0)

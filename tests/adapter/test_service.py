@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
+
+import pytest
 
 from adapter.service import Service
 from adapter.synth import SynthOutput
@@ -14,7 +17,7 @@ from tests.conftest import ct_image, require_tool, shared_file, storescu_push, w
 from tests.orthanc import free_port, running_orthanc
 
 
-def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = None) -> ServiceConfig:
+def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = None, **service: object) -> ServiceConfig:
     data: dict = {
         "paths": {"spool": str(tmp_path / "spool"), "output": str(tmp_path / "out")},
         "scoring": {"profile": "ki67", "workers": 1},
@@ -25,7 +28,7 @@ def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = No
             "series_quiet_seconds": 1.0,
             "allowed_calling_aes": ["SCANNER1", "ORTHANC"],
         },
-        "service": {"poll_seconds": 0.2, "retry_base_seconds": 0.5, "http_port": free_port()},
+        "service": {"poll_seconds": 0.2, "retry_base_seconds": 0.5, "http_port": free_port(), **service},
         "watch": {"folders": [str(p) for p in watch or []], "settle_seconds": 0.5},
     }
     if pacs_port:
@@ -84,6 +87,30 @@ def test_folder_drop_and_poison_input(small_slide: SynthOutput, tmp_path: Path) 
         assert service.queue.counts()["done"] == 1 and len(service.queue.jobs()) == 4
     finally:
         service.stop()
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_patient_data_is_logged_only_where_allowed(
+    small_slide: SynthOutput, tmp_path: Path, caplog: pytest.LogCaptureFixture, allowed: bool
+) -> None:
+    service = Service(_config(tmp_path, None, log_patient_data=allowed, http_port=0))
+    assert small_slide.dicom_dir
+    service.series_complete("1.2.3.4", small_slide.dicom_dir)
+    with caplog.at_level(logging.INFO, logger="adapter.service"):
+        service.start()
+        try:
+            wait_for(lambda: service.queue.counts()["done"] == 1, 120, "scoring")
+        finally:
+            service.stop()
+    done = [r.getMessage() for r in caplog.records if r.getMessage().startswith("event=done")]
+    assert len(done) == 1
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    # The synthetic slide's patient: ID SYNTH-0001, name Synthetic^Slide, accession SYNTH0001.
+    assert "Synthetic^Slide" not in text
+    if allowed:
+        assert done[0].endswith("accession=SYNTH0001 patient_id=SYNTH-0001")
+    else:
+        assert "SYNTH-0001" not in text and "SYNTH0001" not in text
 
 
 def test_destination_down_then_up_delivers_without_rescoring(small_slide: SynthOutput, tmp_path: Path) -> None:
