@@ -8,9 +8,12 @@ success returned: an acknowledged object is on disk.
 
 DICOM has no end-of-series message. A series is complete when no object for
 it arrived for ``series_quiet_seconds`` *and* no association that delivered
-to it is still open; the timer is re-armed by every C-STORE. A late instance
-for a series already handed over hands it over again (the queue turns that
-into a re-score, not a duplicate).
+to it is still open; the timer is re-armed by every C-STORE. Then its headers
+are checked (``confirm_series``): a concatenation with instances missing, or
+resampled levels without their ORIGINAL base level, keep it waiting for more
+(up to ``series_max_wait_seconds`` of silence, then it is handed over anyway).
+A late instance for a series already handed over hands it over again (the
+queue turns that into a re-score, not a duplicate).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 
 from config.service import ScpConfig
-from dicom_io.wsi_reader import WSI_SOP_CLASS
+from dicom_io.wsi_reader import WSI_SOP_CLASS, series_gaps
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class _Series:
     associations: set[int] = field(default_factory=set)
     instances: int = 0
     handed_over: bool = False
+    checked_store: float = -1.0  # last_store when its headers were last checked
 
 
 class StorageSCP:
@@ -172,17 +176,35 @@ class StorageSCP:
     def _watch_series(self) -> None:
         while not self._stop.wait(0.2):
             due: list[tuple[str, Path]] = []
+            to_check: list[tuple[str, Path, float]] = []
             now = time.monotonic()
             with self._lock:
                 for uid, s in list(self._series.items()):
                     quiet = now - s.last_store >= self.config.series_quiet_seconds
                     busy = bool(s.associations & self._open)
                     if not s.handed_over and quiet and not busy:
-                        s.handed_over = True
-                        due.append((uid, s.folder))
+                        if s.checked_store != s.last_store:
+                            to_check.append((uid, s.folder, s.last_store))
+                        elif now - s.last_store >= self.config.series_max_wait_seconds:
+                            log.warning("event=series_incomplete series=%s waited=%.0fs", uid, now - s.last_store)
+                            s.handed_over = True
+                            due.append((uid, s.folder))
                     elif s.handed_over and now - s.last_store > 10 * self.config.series_quiet_seconds:
                         # Forget it; a later instance starts a new entry and a re-score.
                         del self._series[uid]
+            for uid, folder, stamp in to_check:
+                # Header reads, outside the lock: stores go on meanwhile.
+                gaps = series_gaps(folder.glob("*.dcm")) if self.config.confirm_series else []
+                with self._lock:
+                    s = self._series[uid]
+                    if s.last_store != stamp or s.handed_over:
+                        continue  # more arrived meanwhile: look again when it is quiet
+                    s.checked_store = stamp
+                    if gaps:
+                        log.info("event=series_waiting series=%s gaps=%s", uid, "; ".join(gaps))
+                        continue
+                    s.handed_over = True
+                    due.append((uid, folder))
             for uid, folder in due:
                 try:
                     self.on_series_complete(uid, folder)

@@ -76,6 +76,12 @@ class ScpConfig(_Frozen):
     port: int = Field(11112, ge=1, le=65535)
     allowed_calling_aes: tuple[str, ...] = Field((), description="empty = accept any calling AE title")
     series_quiet_seconds: float = Field(30.0, gt=0, description="a series is complete after this much silence")
+    confirm_series: bool = Field(
+        True, description="after the silence, check the headers for missing concatenation parts or base level"
+    )
+    series_max_wait_seconds: float = Field(
+        600.0, gt=0, description="a series whose headers still show gaps is scored anyway after this much silence"
+    )
     max_pdu: int = Field(262144, ge=4096, le=4194304, description="finite maximum PDU we advertise")
     accept_other_storage: bool = Field(False, description="also accept storage classes other than VL WSI")
     tls: TlsConfig | None = None

@@ -172,3 +172,51 @@ class DicomWsiSlide(Slide):
 
     def close(self) -> None:
         self._wsi.close()
+
+
+def series_gaps(files: Iterable[Path]) -> list[str]:
+    """What a WSI series being received evidently still lacks, from its headers ([] = nothing).
+
+    DICOM has no end-of-series message, but a WSI series says some of its own
+    size: a concatenation names its instance count (In-concatenation Total
+    Number), and a pyramid's base level is ORIGINAL while scanners write the
+    levels resampled from it as DERIVED. Reported: a concatenation with
+    instances missing, and VOLUME images without their ORIGINAL base level.
+    Files that are not WSI, or unreadable, are left to the reader to refuse.
+    """
+    concatenations: dict[str, tuple[set[int], int]] = {}
+    volumes = originals = 0
+    for path in files:
+        try:
+            ds = pydicom.dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=[
+                    "SOPClassUID",
+                    "ImageType",
+                    "ConcatenationUID",
+                    "InConcatenationNumber",
+                    "InConcatenationTotalNumber",
+                ],
+            )
+        except (InvalidDicomError, OSError, ValueError, EOFError):
+            continue
+        if UID(str(ds.get("SOPClassUID", ""))) != WSI_SOP_CLASS:
+            continue
+        image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+        if len(image_type) >= 3 and image_type[2] == "VOLUME":
+            volumes += 1
+            originals += image_type[0] == "ORIGINAL"
+        uid = ds.get("ConcatenationUID")
+        if uid and ds.get("InConcatenationTotalNumber"):
+            seen, total = concatenations.get(str(uid), (set(), 0))
+            seen.add(int(ds.get("InConcatenationNumber", 0)))
+            concatenations[str(uid)] = (seen, max(total, int(ds.InConcatenationTotalNumber)))
+    gaps = [
+        f"concatenation {uid} has {len(seen)} of {total} instances"
+        for uid, (seen, total) in sorted(concatenations.items())
+        if len(seen) < total
+    ]
+    if volumes and not originals:
+        gaps.append(f"{volumes} resampled (DERIVED) level(s) but no ORIGINAL base level")
+    return gaps

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -17,7 +19,8 @@ from tests.orthanc import free_port
 
 
 @pytest.fixture()
-def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
+def scp(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    """A running SCP; ``@pytest.mark.parametrize("scp", [{...}], indirect=True)`` changes its config."""
     done: list[tuple[str, Path]] = []
     event = threading.Event()
 
@@ -31,6 +34,7 @@ def scp(tmp_path: Path):  # type: ignore[no-untyped-def]
         port=free_port(),
         allowed_calling_aes=("SCANNER1",),
         series_quiet_seconds=1.0,
+        **getattr(request, "param", {}),
     )
     server = StorageSCP(config, tmp_path / "spool", complete)
     server.start()
@@ -54,6 +58,45 @@ def test_storescu_push_is_durable_and_completes_the_series(scp, small_slide: Syn
     for sop, path in received.items():
         assert path.read_bytes()[132:] != b"" and pydicom.dcmread(path).SOPInstanceUID == sop
     assert uid == pydicom.dcmread(next(iter(sent.values())), stop_before_pixels=True).SeriesInstanceUID
+
+
+def _split_series(slide_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The series as a scanner might send it: resampled (DERIVED) levels first, the base level later."""
+    levels, base = tmp_path / "levels", tmp_path / "base"
+    levels.mkdir()
+    base.mkdir()
+    files = sorted(slide_dir.glob("*.dcm"), key=lambda p: -pydicom.dcmread(p).TotalPixelMatrixColumns)
+    shutil.copy(files[0], base)
+    for path in files[1:]:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds.save_as(levels / path.name)
+    return levels, base
+
+
+def test_series_without_its_base_level_waits_for_it(scp, small_slide: SynthOutput, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, done, event = scp
+    assert small_slide.dicom_dir
+    levels, base = _split_series(small_slide.dicom_dir, tmp_path)
+    assert storescu_push(server.port, levels).returncode == 0
+    assert not event.wait(3), "handed over without its base level"  # quiet for 1 s, then kept waiting
+    assert storescu_push(server.port, base).returncode == 0
+    assert event.wait(15), "series never completed"
+    [(_, folder)] = done
+    assert len(list(folder.glob("*.dcm"))) == len(list(small_slide.dicom_dir.glob("*.dcm")))
+
+
+@pytest.mark.parametrize("scp", [{"series_max_wait_seconds": 3.0}], indirect=True)
+def test_series_with_gaps_is_handed_over_after_the_longest_wait(scp, small_slide: SynthOutput, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    server, done, event = scp
+    assert small_slide.dicom_dir
+    levels, _ = _split_series(small_slide.dicom_dir, tmp_path)
+    assert storescu_push(server.port, levels).returncode == 0
+    start = time.monotonic()
+    assert event.wait(15), "series never handed over"
+    assert time.monotonic() - start >= 2.0  # not at the 1 s quiet time
+    [(_, folder)] = done
+    assert len(list(folder.glob("*.dcm"))) == len(list(small_slide.dicom_dir.glob("*.dcm"))) - 1
 
 
 def test_unknown_calling_ae_is_refused(scp) -> None:  # type: ignore[no-untyped-def]

@@ -6,10 +6,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
+from adapter.synth import SynthOutput
 from config.errors import ConfigError, SlideReadError
 from dicom_io import open_slide
+from dicom_io.wsi_reader import series_gaps
 from tests.conftest import ct_image, shared_file
 
 
@@ -159,3 +162,39 @@ def test_direct_tile_reads_equal_tifffile(name: str, mpp: float | None) -> None:
             x, y = level.width // 3, level.height // 4
             w, h = min(300, level.width - x), min(200, level.height - y)
             assert np.array_equal(s.read_region(i, x, y, w, h), full[y : y + h, x : x + w, :3])
+
+
+def _wsi_files(slide_dir: Path, dst: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """Copies of a synthetic WSI series, largest level first, with their datasets."""
+    dst.mkdir()
+    out = []
+    for src in slide_dir.glob("*.dcm"):
+        ds = pydicom.dcmread(src)
+        out.append((dst / src.name, ds))
+    out.sort(key=lambda f: -int(f[1].TotalPixelMatrixColumns))
+    return out
+
+
+def test_series_gaps_concatenation_and_base_level(small_slide: SynthOutput, tmp_path: Path) -> None:
+    assert small_slide.dicom_dir
+    assert series_gaps(small_slide.dicom_dir.glob("*.dcm")) == []
+    files = _wsi_files(small_slide.dicom_dir, tmp_path / "series")
+    # The base level announced as part 1 of a 2-instance concatenation.
+    (base, ds), *rest = files
+    ds.ConcatenationUID = "1.2.3.99"
+    ds.InConcatenationNumber = 1
+    ds.InConcatenationTotalNumber = 2
+    ds.save_as(base)
+    gaps = series_gaps([base])
+    assert gaps == ["concatenation 1.2.3.99 has 1 of 2 instances"]
+    # Only the resampled levels arrived so far.
+    for path, level in rest:
+        level.ImageType = ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        level.save_as(path)
+    assert series_gaps([p for p, _ in rest]) == [f"{len(rest)} resampled (DERIVED) level(s) but no ORIGINAL base level"]
+    # Non-WSI and unreadable files are the reader's business, not gaps.
+    ct = tmp_path / "ct.dcm"
+    ct_image(ct)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"not dicom")
+    assert series_gaps([ct, junk]) == []
