@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from adapter.synth import SynthOutput
 from tests.conftest import require_tool, storescu_push, wait_for
 from tests.orthanc import free_port, running_orthanc
@@ -43,11 +45,12 @@ ae_title = "ORTHANC"
     return cfg
 
 
-def _serve(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+def _serve(cfg: Path, log: Path, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "adapter.cli", "serve", "--config", str(cfg)],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
+        env={**os.environ, **env},
     )
 
 
@@ -139,16 +142,21 @@ def test_kill_during_receive_then_resend(small_slide: SynthOutput, tmp_path: Pat
             proc.wait(10)
 
 
-def test_sigterm_stops_the_service_cleanly(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_sigterm_stops_the_service_cleanly(tmp_path: Path, log_format: str) -> None:
     scp_port = free_port()
     cfg = _write_config(tmp_path, scp_port, free_port())
-    proc = _serve(cfg, tmp_path / "serve.log")
+    proc = _serve(cfg, tmp_path / "serve.log", IHC_ADAPTER__SERVICE__LOG_FORMAT=log_format)
     try:
         wait_for(lambda: _listening(scp_port), 60, "the service to listen")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert not _listening(scp_port)
-        assert "event=shutdown" in (tmp_path / "serve.log").read_text()
+        log = (tmp_path / "serve.log").read_text()
+        assert "event=shutdown" in log
+        if log_format == "json":
+            entries = [json.loads(line) for line in log.splitlines()]
+            assert [e["event"] for e in entries if "event" in e][-2:] == ["shutdown", "stopped"]
     finally:
         if proc.poll() is None:
             proc.kill()
