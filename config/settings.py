@@ -141,6 +141,9 @@ class SegmentationSettings(_Frozen):
     )
     refine_to_nuclei: bool = Field(True, description="builtin: pull region edges in to the cells that make them up")
     refine_reach_um: float = Field(12.0, gt=0, description="builtin: how far a tumour cell's territory reaches")
+    map_um: float = Field(
+        2.0, gt=0, description="builtin: compartment map resolution (µm/px; a whole fraction of tissue.mpp)"
+    )
     model: Path | None = Field(None, description="TorchScript model file (required for method='model')")
     model_mpp: float = Field(2.0, gt=0, description="model input resolution (µm/px)")
     model_tile_size: int = Field(256, ge=16, le=4096)

@@ -279,14 +279,21 @@ def analyse(
     tumour_area = compartments.area_mm2(TUMOUR)
     tumour_fraction = tumour_area / tissue_area if tissue_area > 0 else 0.0
     stats: dict[str, dict[str, Any]] = {}
-    labels = compartments.labels
+    # Pixel classes were counted on the tissue-mask grid: read the map at those cells' centres.
+    step = max(1, round(tissue.mpp / compartments.mpp))
+    on_tissue_grid = compartments.labels[step // 2 :: step, step // 2 :: step][
+        : pixel_hist.shape[0], : pixel_hist.shape[1]
+    ]
     for name, sel, pix in (
-        ("tumour", cells["compartment"] == TUMOUR, labels == TUMOUR),
-        ("stroma", cells["compartment"] == STROMA, labels == STROMA),
-        ("tissue", np.isin(cells["compartment"], (TUMOUR, STROMA)), np.isin(labels, (TUMOUR, STROMA))),
+        ("tumour", cells["compartment"] == TUMOUR, (TUMOUR,)),
+        ("stroma", cells["compartment"] == STROMA, (STROMA,)),
+        ("tissue", np.isin(cells["compartment"], (TUMOUR, STROMA)), (TUMOUR, STROMA)),
     ):
-        area = float(pix.sum()) * (compartments.mpp / 1000.0) ** 2
-        stats[name] = scoring.compartment_summary(cells["intensity_class"][sel], area, pixel_hist[pix].sum(axis=0))
+        area = sum(compartments.area_mm2(label) for label in pix)
+        in_compartment = np.isin(on_tissue_grid, pix)
+        stats[name] = scoring.compartment_summary(
+            cells["intensity_class"][sel], area, pixel_hist[in_compartment].sum(axis=0)
+        )
     tum = cells["compartment"] == TUMOUR
     scores = scoring.profile_scores(
         settings.scores.kind,

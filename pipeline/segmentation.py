@@ -10,8 +10,10 @@ Two methods behind one result type (:class:`CompartmentMap`):
     the tissue area and the mean nuclear area reaches
     ``tumour_min_nucleus_um2`` (carcinoma is crowded with large nuclei,
     ~20–35 % of its area; stroma is sparse, ~3–5 %; lymphocyte-rich stroma is
-    crowded but its nuclei are small). Non-tissue is fat/background; the rest of the tissue
-    is stroma. It knows nothing of necrosis, in-situ disease or normal
+    crowded but its nuclei are small). The region is then drawn on a finer
+    map (``map_um``) and its edge pulled in to the cells that make it up
+    (within ``refine_reach_um`` of a large nucleus, gaps closed). Non-tissue
+    is fat/background; the rest of the tissue is stroma. It knows nothing of necrosis, in-situ disease or normal
     epithelium, which it will call tumour when crowded: for those, train a
     model.
 ``model``
@@ -28,6 +30,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
@@ -102,15 +105,19 @@ def builtin_segmentation(
     tumour_grid = (nuclear_fraction >= settings.tumour_nuclear_fraction) & (
         mean_area >= settings.tumour_min_nucleus_um2
     )
-    # Back to the tissue-mask resolution (bilinear on the score keeps edges smooth).
-    score = ndimage.zoom(tumour_grid.astype(np.float32), (h / gh, w / gw), order=1, grid_mode=True, mode="nearest")
-    tumour = _fit(score, (h, w)) >= 0.5
+    # Up to the map's resolution, an integer refinement of the tissue mask's
+    # (bilinear on the 0/255 score keeps edges smooth; the mask is replicated).
+    f = max(1, round(tissue.mpp / settings.map_um))
+    size = (w * f, h * f)
+    tumour = cv2.resize(tumour_grid.astype(np.uint8) * 255, size, interpolation=cv2.INTER_LINEAR) >= 128
+    mask = tissue.mask if f == 1 else cv2.resize(tissue.mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    mpp = tissue.mpp / f
     if settings.refine_to_nuclei and tumour.any():
-        tumour = _refine_to_nuclei(tumour, x_um, y_um, nucleus_area_um2, tissue.mpp, settings)
-    labels = np.full((h, w), FAT_BACKGROUND, np.uint8)
-    labels[tissue.mask] = STROMA
-    labels[tissue.mask & tumour] = TUMOUR
-    return CompartmentMap(labels=labels, mpp=tissue.mpp, method="builtin")
+        tumour = _refine_to_nuclei(tumour, x_um, y_um, nucleus_area_um2, mpp, settings)
+    labels = np.full(mask.shape, FAT_BACKGROUND, np.uint8)
+    labels[mask] = STROMA
+    labels[mask & tumour] = TUMOUR
+    return CompartmentMap(labels=labels, mpp=mpp, method="builtin")
 
 
 def _refine_to_nuclei(
@@ -135,9 +142,12 @@ def _refine_to_nuclei(
     occupied = np.zeros((h, w), bool)
     occupied[row[big], col[big]] = True
     reach = max(1, round(settings.refine_reach_um / mpp))
-    near = ndimage.binary_dilation(occupied, iterations=reach)
-    refined = tumour & near
-    return ndimage.binary_closing(refined, iterations=reach) & tumour
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
+    near = cv2.dilate(occupied.view(np.uint8), disk) > 0
+    refined = np.ascontiguousarray(tumour & near).view(np.uint8)
+    # Closing with a border wide enough that it does not erode from the slide's edge.
+    closed = cv2.morphologyEx(refined, cv2.MORPH_CLOSE, disk, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    return (closed > 0) & tumour
 
 
 def _fit(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Tumour–stroma segmentation: the TorchScript plug-in path (the builtin is in test_analysis)."""
+"""Tumour–stroma segmentation: the builtin map's resolution and edge, and the TorchScript plug-in path."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from adapter.synth import SynthOutput
 from config.errors import ConfigError
 from config.settings import SegmentationSettings, StainSettings, TissueSettings
 from dicom_io import open_slide
-from pipeline.segmentation import FAT_BACKGROUND, STROMA, TUMOUR, TorchScriptSegmenter
-from pipeline.tissue import detect_tissue
+from pipeline.segmentation import FAT_BACKGROUND, STROMA, TUMOUR, TorchScriptSegmenter, builtin_segmentation
+from pipeline.tissue import TissueMask, detect_tissue
 
 
 class _DarknessModel(torch.nn.Module):
@@ -73,3 +73,35 @@ def test_model_errors_are_clear(small_slide: SynthOutput, tmp_path: Path) -> Non
         tissue = detect_tissue(slide, TissueSettings())
         with pytest.raises(ConfigError, match=r"output shape \(1, 2, 64, 64\) is not \(N, 4, H, W\)"):
             seg.segment(slide, tissue, 255.0)
+
+
+def _crowded_disc(radius_um: float, spacing_um: float = 9.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Nuclei (35 µm² each) on a square lattice filling a disc centred at (600, 600) µm."""
+    g = np.arange(-radius_um, radius_um + 1e-9, spacing_um)
+    xx, yy = np.meshgrid(g, g)
+    inside = xx**2 + yy**2 <= radius_um**2
+    x, y = xx[inside] + 600.0, yy[inside] + 600.0
+    return x, y, np.full(x.shape, 35.0)
+
+
+def _edge_um(map_um: float, reach_um: float) -> tuple[float, float]:
+    """How far the builtin tumour region reaches beyond its outermost nuclei (equivalent radius)."""
+    tissue = TissueMask(mask=np.ones((150, 150), bool), mpp=8.0, threshold_od=0.1)
+    x, y, area = _crowded_disc(200.0)
+    cmap = builtin_segmentation(x, y, area, tissue, SegmentationSettings(map_um=map_um, refine_reach_um=reach_um))
+    assert cmap.mpp == map_um and cmap.labels.shape == (round(150 * 8 / map_um),) * 2
+    assert (cmap.lookup(x, y) == TUMOUR).all()
+    outermost = float(np.hypot(x - 600, y - 600).max())
+    assert cmap.lookup(np.array([630.0 + outermost]), np.array([600.0]))[0] == STROMA
+    return float(np.sqrt(cmap.area_mm2(TUMOUR) * 1e6 / np.pi)) - outermost, cmap.mpp
+
+
+@pytest.mark.parametrize("map_um", [8.0, 2.0])
+def test_builtin_edge_lies_within_reach_of_the_outermost_nuclei(map_um: float) -> None:
+    edge, _ = _edge_um(map_um, 12.0)
+    assert 0.0 < edge <= 12.0 + map_um
+
+
+def test_builtin_fine_map_resolves_the_reach() -> None:
+    """On a 2 µm map, 4 µm more reach moves the edge out by about 4 µm."""
+    assert abs((_edge_um(2.0, 12.0)[0] - _edge_um(2.0, 8.0)[0]) - 4.0) <= 1.5
