@@ -1,6 +1,7 @@
 """Accuracy against synthetic ground truth (the figures quoted in the README).
 
     python bench/accuracy.py [--size 4096] [--profile ki67]
+    python bench/accuracy.py --profile her2 --localisation membranous
 
 For a typical (40 % tumour), a low-tumour (5 %) and a stain-varied slide:
 cell detection F1 (centroids within 4 µm), intensity-class accuracy,
@@ -67,13 +68,26 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--profile", default="ki67")
+    p.add_argument(
+        "--localisation",
+        choices=("nuclear", "cytoplasmic", "membranous"),
+        default="nuclear",
+        help="where the synthetic DAB sits (membranous with --profile her2 or pdl1)",
+    )
     a = p.parse_args()
     n = a.size
     specs = {
-        "typical": SynthSpec(width=n, height=n, seed=31, tumour_fraction=0.4),
-        "low_tumour": SynthSpec(width=n, height=n, seed=32, tumour_fraction=0.05),
+        "typical": SynthSpec(width=n, height=n, seed=31, tumour_fraction=0.4, localisation=a.localisation),
+        "low_tumour": SynthSpec(width=n, height=n, seed=32, tumour_fraction=0.05, localisation=a.localisation),
         "stain_variation": SynthSpec(
-            width=n, height=n, seed=33, tumour_fraction=0.3, stain_jitter_deg=4, dab_scale_jitter=0.1, jpeg_quality=75
+            width=n,
+            height=n,
+            seed=33,
+            tumour_fraction=0.3,
+            stain_jitter_deg=4,
+            dab_scale_jitter=0.1,
+            jpeg_quality=75,
+            localisation=a.localisation,
         ),
     }
     report = {}
@@ -81,7 +95,7 @@ def main() -> None:
         for name, spec in specs.items():
             report[name] = evaluate(spec, Path(tmp) / name, a.profile)
             print(name, json.dumps(report[name]), flush=True)
-    print(json.dumps({"profile": a.profile, "size": n, "slides": report}))
+    print(json.dumps({"profile": a.profile, "localisation": a.localisation, "size": n, "slides": report}))
 
 
 if __name__ == "__main__":

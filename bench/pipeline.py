@@ -113,7 +113,7 @@ def _write_results(result: SlideResult, slide: Slide, mode: str, workdir: Path) 
     try:
         target = slide
         if mode == "dicom" and slide.format != "dicom":
-            converted = workdir / f"{slide.path.stem}-dicom"
+            converted = workdir / f"{slide.path.parent.name}-{slide.path.stem}-dicom"
             if not converted.exists():
                 print(f"converting {slide.path.name} to DICOM WSI for the results benchmark ...", flush=True)
                 converted.mkdir(parents=True)

@@ -144,6 +144,9 @@ class SegmentationSettings(_Frozen):
     map_um: float = Field(
         2.0, gt=0, description="builtin: compartment map resolution (µm/px; a whole fraction of tissue.mpp)"
     )
+    map_max_mpx: float = Field(
+        40.0, gt=0, description="builtin: the map is made coarser (up to tissue.mpp) to stay within this many MP"
+    )
     model: Path | None = Field(None, description="TorchScript model file (required for method='model')")
     model_mpp: float = Field(2.0, gt=0, description="model input resolution (µm/px)")
     model_tile_size: int = Field(256, ge=16, le=4096)

@@ -80,13 +80,20 @@ def level_mpp(ds: pydicom.Dataset) -> float:
 
 
 def labels_on_level(compartments: CompartmentMap, ds: pydicom.Dataset) -> np.ndarray:
-    """The compartment map sampled at the pixel centres of a source level."""
+    """The compartment map sampled at the pixel centres of a source level (fat/background outside it).
+
+    Rows and columns are looked up separately (the map is axis-aligned), so
+    the memory is that of the result only.
+    """
     rows, cols = int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns)
     mpp = level_mpp(ds)
-    ys = (np.arange(rows) + 0.5) * mpp
-    xs = (np.arange(cols) + 0.5) * mpp
-    xx, yy = np.meshgrid(xs, ys)
-    return compartments.lookup(xx, yy)
+    h, w = compartments.labels.shape
+    r = np.floor((np.arange(rows) + 0.5) * mpp / compartments.mpp).astype(np.int64)
+    c = np.floor((np.arange(cols) + 0.5) * mpp / compartments.mpp).astype(np.int64)
+    out = np.zeros((rows, cols), np.uint8)
+    rin, cin = r < h, c < w
+    out[np.ix_(rin, cin)] = compartments.labels[np.ix_(r[rin], c[cin])]
+    return out
 
 
 def choose_level(volumes: list[pydicom.Dataset], map_mpp: float) -> int:

@@ -250,11 +250,16 @@ def tumour_regions(result: SlideResult) -> list[tuple[np.ndarray, np.ndarray]]:
     sizes = np.bincount(regions.ravel(), minlength=n + 1)[1:] * px_mm2
     order = [i + 1 for i in np.argsort(sizes)[::-1] if sizes[i] >= MIN_REGION_MM2][:MAX_REGIONS]
     cell_region = result.compartments.lookup_regions(regions, result.cells["x_um"], result.cells["y_um"])
+    boxes = ndimage.find_objects(regions)
     out = []
     for r in order:
-        padded = np.pad(regions == r, 1)
+        box = boxes[r - 1]
+        assert box is not None
+        # Only the region's bounding box, padded by one pixel, is traced.
+        padded = np.pad(regions[box] == r, 1)
         contours = find_contours(padded.astype(np.float32), 0.5)
-        outer = max(contours, key=len) - 1.0  # undo the padding
+        offset = np.array([box[0].start, box[1].start], np.float64)
+        outer = max(contours, key=len) - 1.0 + offset  # undo the padding, back to map px
         outer = approximate_polygon(outer, tolerance=0.5)
         if len(outer) < 4:
             continue

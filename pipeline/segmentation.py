@@ -108,6 +108,8 @@ def builtin_segmentation(
     # Up to the map's resolution, an integer refinement of the tissue mask's
     # (bilinear on the 0/255 score keeps edges smooth; the mask is replicated).
     f = max(1, round(tissue.mpp / settings.map_um))
+    while f > 1 and h * w * f * f > settings.map_max_mpx * 1e6:
+        f -= 1  # a coarser map on very large slides keeps memory bounded
     size = (w * f, h * f)
     tumour = cv2.resize(tumour_grid.astype(np.uint8) * 255, size, interpolation=cv2.INTER_LINEAR) >= 128
     mask = tissue.mask if f == 1 else cv2.resize(tissue.mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0

@@ -190,6 +190,17 @@ def test_viewer_report_has_only_image_region_groups(
         assert np.array_equal(points[0], points[-1])  # closed
         pixels = back(points)
         assert (pixels >= -1).all() and (pixels[:, 0] <= base.TotalPixelMatrixColumns + 1).all()
+        # Every vertex lies on the tumour's edge in the map: tumour within one map pixel.
+        mpp0 = float(base.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[1]) * 1000
+        col, row = (
+            (pixels[:, 0] * mpp0 / result.compartments.mpp).astype(int),
+            (pixels[:, 1] * mpp0 / result.compartments.mpp).astype(int),
+        )
+        near = [
+            (result.compartments.labels[max(0, r - 1) : r + 2, max(0, c - 1) : c + 2] == 1).any()
+            for r, c in zip(row, col, strict=True)
+        ]
+        assert np.mean(near) >= 0.95
         drawn_mm2 += g.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))[0].value
         assert g.get_measurements(name=H_SCORE)
     assert drawn_mm2 == pytest.approx(tumour_mm2, rel=0.25)

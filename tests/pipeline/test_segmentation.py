@@ -105,3 +105,11 @@ def test_builtin_edge_lies_within_reach_of_the_outermost_nuclei(map_um: float) -
 def test_builtin_fine_map_resolves_the_reach() -> None:
     """On a 2 µm map, 4 µm more reach moves the edge out by about 4 µm."""
     assert abs((_edge_um(2.0, 12.0)[0] - _edge_um(2.0, 8.0)[0]) - 4.0) <= 1.5
+
+
+def test_builtin_map_stays_within_its_pixel_budget() -> None:
+    tissue = TissueMask(mask=np.ones((150, 150), bool), mpp=8.0, threshold_od=0.1)
+    x, y, area = _crowded_disc(200.0)
+    # 150² at 8 µm: 2 µm would be 0.36 MP, 4 µm 0.09 MP.
+    cmap = builtin_segmentation(x, y, area, tissue, SegmentationSettings(map_um=2.0, map_max_mpx=0.1))
+    assert cmap.mpp == 4.0 and cmap.labels.size <= 0.1e6
