@@ -108,8 +108,9 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
     """Steps 3–5: threshold, split by shape, area filter → nucleus labels (0 = none).
 
     Objects and split points come from ``det``; when ``fine`` is given, each
-    nucleus keeps only its pixels where ``fine`` also exceeds the threshold,
-    so the smoothing sigma does not bloat nuclei into their cytoplasm.
+    nucleus keeps only its pixels where ``fine`` reaches both the threshold
+    and half the nucleus' own peak, so the smoothing sigma does not bloat
+    nuclei into their cytoplasm.
     """
     fg = np.ascontiguousarray(det > settings.threshold)
     if not fg.any():
