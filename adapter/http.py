@@ -1,4 +1,4 @@
-"""Optional ``/healthz`` and Prometheus ``/metrics`` on 127.0.0.1 (``service.http_port``)."""
+"""Optional ``/healthz`` and Prometheus ``/metrics`` (``service.http_host``: ``service.http_port``)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,13 @@ class ServiceCollector(Collector):
 
 
 class StatusServer:
-    def __init__(self, port: int, counts: Callable[[], dict[str, int]], received: Callable[[], tuple[int, int]]):
+    def __init__(
+        self,
+        port: int,
+        counts: Callable[[], dict[str, int]],
+        received: Callable[[], tuple[int, int]],
+        host: str = "127.0.0.1",
+    ):
         self.registry = CollectorRegistry()
         self.registry.register(ServiceCollector(counts, received))
         self.slide_seconds = Histogram(
@@ -60,7 +66,7 @@ class StatusServer:
             def log_message(self, *args: Any) -> None:
                 return None
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self._server = ThreadingHTTPServer((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="status-http", daemon=True)
 
     @property

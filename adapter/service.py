@@ -59,7 +59,7 @@ class Service:
             else None
         )
         self.status = (
-            StatusServer(config.service.http_port, self.queue.counts, self._received)
+            StatusServer(config.service.http_port, self.queue.counts, self._received, config.service.http_host)
             if config.service.http_port
             else None
         )

@@ -119,7 +119,10 @@ class ServiceOptions(_Frozen):
     log_format: Literal["text", "json"] = Field(
         "text", description="text: 'time level logger event=… key=value'; json: one JSON object per line"
     )
-    http_port: int = Field(0, ge=0, le=65535, description="/healthz and /metrics on 127.0.0.1; 0 = off")
+    http_port: int = Field(0, ge=0, le=65535, description="/healthz and /metrics on http_host; 0 = off")
+    http_host: str = Field(
+        "127.0.0.1", description="address /healthz and /metrics listen on (0.0.0.0 in a container for Prometheus)"
+    )
     retry_base_seconds: float = Field(5.0, gt=0)
     retry_max_seconds: float = Field(3600.0, gt=0)
 
