@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.proctree import descendants, status_mb
 from config.settings import load_settings
 from dicom_io import open_slide
 from pipeline.analysis import SlideResult, analyse
@@ -151,29 +152,8 @@ class _WorkerPeakRss:
 
     def _run(self, period_s: float) -> None:
         while not self._stop.wait(period_s):
-            for pid in _descendants(os.getpid()):
-                try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024)
-                except OSError:
-                    pass  # it ended between the listing and the read
-
-
-def _descendants(root: int) -> list[int]:
-    parent = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [root]
-    while frontier:
-        kids = [pid for pid, ppid in parent.items() if ppid in frontier]
-        found += kids
-        frontier = kids
-    return found
+            for pid in descendants(os.getpid()):
+                self.peak_mb = max(self.peak_mb, status_mb(pid, "VmHWM"))
 
 
 def main() -> None:

@@ -6,11 +6,12 @@
 Starts the service as a subprocess on loopback (its own spool in a temporary
 folder), pushes copies of a synthetic slide, each under new Study/Series/
 SOP Instance UIDs, with the project's own SCU, waits until every series is
-scored, and reads the service's resident memory from /proc. With ``--hours``
-it pushes until that much time has passed (one slide every ``--interval-s``
-seconds, never more than ``--max-pending`` unscored), so the service runs for
-hours at a realistic rate; a line of progress (slides, RSS) goes to stderr
-every ``--report-every`` slides and into ``rss.csv`` beside the service log.
+scored, and reads from /proc the resident memory of the service and its tile
+workers together. With ``--hours`` it pushes until that much time has passed
+(one slide every ``--interval-s`` seconds, never more than ``--max-pending``
+unscored), so the service runs for hours at a realistic rate; a line of
+progress (slides, RSS) goes to stderr every ``--report-every`` slides and into
+``rss.csv`` beside the service log.
 The last line is one JSON object: slides, slides_per_hour, rss_start_mb,
 rss_end_mb, rss_max_mb, lost (series pushed but never scored), duplicated
 (series scored more than once).
@@ -34,6 +35,7 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from adapter.synth import generate
+from bench.proctree import tree_rss_mb
 from dicom_io.dimse import Peer, send_files
 from pipeline.synth import SynthSpec
 
@@ -42,13 +44,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _copy_with_new_uids(src: list[Path], dst: Path) -> list[Path]:
@@ -73,6 +68,7 @@ def main() -> None:
     p.add_argument("--interval-s", type=float, default=0.0, help="pause between pushes")
     p.add_argument("--max-pending", type=int, default=8, help="pushed but not yet scored, at most")
     p.add_argument("--report-every", type=int, default=50)
+    p.add_argument("--workers", type=int, default=0, help="scoring.workers of the service (0 = all cores, its default)")
     p.add_argument("--timeout-s", type=float, default=3600, help="wait for the last slides at most this long")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ihc-soak-"))
@@ -83,7 +79,7 @@ def main() -> None:
     cfg = work / "adapter.toml"
     cfg.write_text(
         f'[paths]\nspool = "{work / "spool"}"\noutput = "{work / "out"}"\n'
-        f'[scoring]\nprofile = "ki67"\nworkers = 1\n'
+        f'[scoring]\nprofile = "ki67"\nworkers = {a.workers}\n'
         f'[scp]\nhost = "127.0.0.1"\nport = {port}\nseries_quiet_seconds = 1.0\n'
         f"[service]\npoll_seconds = 0.2\n"
     )
@@ -97,7 +93,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("service did not start")
             time.sleep(0.2)
-        rss_start = rss_max = _rss_mb(proc.pid)
+        rss_start = rss_max = tree_rss_mb(proc.pid)
         series: list[str] = []
         db = work / "spool" / "jobs.db"
         samples = (work / "rss.csv").open("w")
@@ -123,7 +119,7 @@ def main() -> None:
                 f.unlink()
             i += 1
             if i % a.report_every == 0:
-                rss = _rss_mb(proc.pid)
+                rss = tree_rss_mb(proc.pid)
                 rss_max = max(rss_max, rss)
                 n_finished = finished()[0]
                 seconds = time.monotonic() - t0
@@ -138,7 +134,7 @@ def main() -> None:
                 break
             time.sleep(0.5)
         elapsed = time.monotonic() - t0
-        rss_end = _rss_mb(proc.pid)
+        rss_end = tree_rss_mb(proc.pid)
         rss_max = max(rss_max, rss_end)
         samples.close()
     finally:
