@@ -95,7 +95,15 @@ class NucleiSettings(_Frozen):
     split_by_shape: bool = Field(True, description="QuPath 'Split by shape'")
     cell_expansion_um: float = Field(5.0, ge=0, description="QuPath 'Cell expansion' (the paper used 4)")
     include_nuclei: bool = Field(True, description="QuPath 'Include cell nucleus'")
-    model: Path | None = Field(None, description="TorchScript nucleus model instead of the classical detector")
+    model: Path | None = Field(
+        None,
+        description="TorchScript nucleus model instead of the detection image: input (N, 3, H, W) tile at the "
+        "requested pixel size (model_channels), output (N, 1, H, W) nucleus logits or (N, 2, H, W) "
+        "background/nucleus logits; its probability is thresholded, split by shape and area-filtered",
+    )
+    model_channels: Literal["rgb", "hdab"] = Field("rgb", description="model input: RGB in [0,1] or H/DAB/residual OD")
+    model_threshold: float = Field(0.5, gt=0, lt=1, description="nucleus probability threshold for the model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")
     def _areas(self) -> NucleiSettings:

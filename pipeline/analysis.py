@@ -28,7 +28,7 @@ import numpy as np
 
 from config.settings import Settings
 from pipeline import scoring
-from pipeline.nuclei import CELL_COLUMNS, detect_cells, intensity_class, intensity_value
+from pipeline.nuclei import CELL_COLUMNS, NucleusModel, detect_cells, intensity_class, intensity_value
 from pipeline.segmentation import (
     CLASS_NAMES,
     STROMA,
@@ -91,6 +91,11 @@ class _TileContext:
     background: Background
     tissue_mpp: float
     tissue_shape: tuple[int, int]
+    nucleus_model: NucleusModel | None = None
+
+    def __post_init__(self) -> None:
+        if self.settings.nuclei.model is not None and self.nucleus_model is None:
+            self.nucleus_model = NucleusModel(self.settings.nuclei, self.stains)
 
 
 _CTX: _TileContext | None = None
@@ -130,7 +135,8 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
     h_od, dab_od = stain_planes(pixels, ctx.stains, ctx.background)
     od_sum = rgb_to_od(pixels, ctx.background).sum(axis=-1) if s.nuclei.detection_image == "od_sum" else h_od
     t2 = time.perf_counter()
-    tc = detect_cells(h_od, dab_od, od_sum, mpp, s.nuclei, s.intensity)
+    prob = ctx.nucleus_model.probability(pixels, ctx.background) if ctx.nucleus_model is not None else None
+    tc = detect_cells(h_od, dab_od, od_sum, mpp, s.nuclei, s.intensity, prob)
     t3 = time.perf_counter()
     table = tc.table
     cx, cy = table["x"] - margin, table["y"] - margin
@@ -226,6 +232,8 @@ def analyse(
     workers = settings.tiling.workers or (os.cpu_count() or 1)
     workers = min(workers, max(1, len(cores)))
     args = (settings, stains, background, tissue.mpp, tissue.mask.shape)
+    if settings.nuclei.model is not None:
+        NucleusModel(settings.nuclei, stains)  # refuse a bad model file here, not in every worker
     outputs = []
     iterator: Any
     pool = None

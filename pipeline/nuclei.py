@@ -31,7 +31,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from config.errors import ConfigError
 from config.settings import IntensitySettings, NucleiSettings
+from pipeline.stains import Background, StainMatrix
+from pipeline.torchscript import load_model, model_input
 
 #: Split by shape: distance-transform peaks closer than this are one nucleus.
 SPLIT_RADIUS_UM = 3.0
@@ -246,8 +249,12 @@ def measure_cells(
     dab_od: np.ndarray,
     mpp: float,
     intensity: IntensitySettings,
+    include_nuclei: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-cell centroid (tile px), areas and DAB statistics per compartment.
+
+    Without ``include_nuclei`` (QuPath 'Include cell nucleus' off) the cell is
+    its cytoplasm only: cell area and cell DAB leave the nucleus out.
 
     ``cells`` must hold each nucleus' pixels under its own label (as
     :func:`expand_cells` returns), so the cytoplasm is the cell minus its nucleus.
@@ -269,6 +276,12 @@ def measure_cells(
     cyto_counts = cell_counts - counts
     with np.errstate(invalid="ignore", divide="ignore"):
         cytoplasm_dab = np.where(cyto_counts > 0, (cell_dab - nucleus_dab) / cyto_counts, 0.0)
+    if include_nuclei:
+        cell_mean, cell_max = cell_dab / cell_counts, label_max(dab_od, cel, n)
+    else:
+        cell_counts = cyto_counts
+        cell_mean = cytoplasm_dab
+        cell_max = np.maximum(label_max(dab_od, np.where(nuclei.ravel() > 0, 0, cel), n), 0.0)
     return {
         "x": _sums(nuc, n, xs) / counts,
         "y": _sums(nuc, n, ys) / counts,
@@ -281,9 +294,33 @@ def measure_cells(
         "membrane_dab_mean": mem_mean,
         "membrane_dab_max": mem_max,
         "membrane_positive_fraction": mem_pos,
-        "cell_dab_mean": cell_dab / cell_counts,
-        "cell_dab_max": label_max(dab_od, cel, n),
+        "cell_dab_mean": cell_mean,
+        "cell_dab_max": cell_max,
     }
+
+
+class NucleusModel:
+    """A TorchScript nucleus model (``nuclei.model``) in place of the detection image."""
+
+    def __init__(self, settings: NucleiSettings, stains: StainMatrix):
+        self.model, self.device = load_model(settings.model, settings.device, "nuclei")
+        self.settings = settings
+        self.stains = stains
+
+    def probability(self, rgb: np.ndarray, background: Background) -> np.ndarray:
+        """Nucleus probability of every pixel of an ``(H, W, 3)`` tile."""
+        s = self.settings
+        arr = model_input(rgb, s.model_channels, self.stains, background)
+        inp = torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous().to(self.device)
+        with torch.inference_mode():
+            out = self.model(inp)
+        if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != 1 or out.shape[1] not in (1, 2):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError("nuclei.model", str(s.model), f"output {shape} is not (N, 1 or 2, H, W) logits")
+        if out.shape[-2:] != inp.shape[-2:]:
+            out = torch.nn.functional.interpolate(out.float(), size=inp.shape[-2:], mode="bilinear")
+        prob = torch.sigmoid(out[:, 0]) if out.shape[1] == 1 else torch.softmax(out.float(), 1)[:, 1]
+        return np.ascontiguousarray(prob[0].to("cpu", torch.float32).numpy())
 
 
 def detect_cells(
@@ -293,13 +330,24 @@ def detect_cells(
     mpp: float,
     settings: NucleiSettings,
     intensity: IntensitySettings,
+    nucleus_probability: np.ndarray | None = None,
 ) -> TileCells:
-    """Detect nuclei, expand to cells and measure them, for one tile."""
+    """Detect nuclei, expand to cells and measure them, for one tile.
+
+    With ``nucleus_probability`` (a nucleus model's output) the nuclei are its
+    pixels above ``model_threshold``, split by shape and filtered by area;
+    otherwise the classical detection image is used.
+    """
     h_od, dab_od = np.ascontiguousarray(h_od), np.ascontiguousarray(dab_od)
-    det, fine = detection_image(h_od, od_sum, settings, mpp)
-    nuclei = segment_nuclei(det, settings, mpp, fine)
+    if nucleus_probability is not None:
+        nuclei = segment_nuclei(
+            nucleus_probability, settings.model_copy(update={"threshold": settings.model_threshold}), mpp
+        )
+    else:
+        det, fine = detection_image(h_od, od_sum, settings, mpp)
+        nuclei = segment_nuclei(det, settings, mpp, fine)
     cells, dist = expand_cells(nuclei, settings.cell_expansion_um / mpp)
-    table = measure_cells(nuclei, cells, dist, h_od, dab_od, mpp, intensity)
+    table = measure_cells(nuclei, cells, dist, h_od, dab_od, mpp, intensity, settings.include_nuclei)
     return TileCells(nuclei=nuclei, cells=cells, table=table)
 
 

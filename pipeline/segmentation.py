@@ -37,8 +37,9 @@ from scipy import ndimage
 from config.errors import ConfigError
 from config.settings import SegmentationSettings, StainSettings
 from pipeline.slide import Slide
-from pipeline.stains import Background, StainMatrix, deconvolve
+from pipeline.stains import Background, StainMatrix
 from pipeline.tissue import TissueMask
+from pipeline.torchscript import load_model, model_input
 
 log = logging.getLogger(__name__)
 
@@ -163,32 +164,13 @@ class TorchScriptSegmenter:
     """Runs a TorchScript tumour–stroma model over a slide in batches."""
 
     def __init__(self, settings: SegmentationSettings, stains: StainSettings):
-        import torch
-
-        if settings.model is None:
-            raise ConfigError("segmentation.model", None, "a TorchScript file is required")
-        path = Path(settings.model)
-        if not path.is_file():
-            raise ConfigError("segmentation.model", str(path), "file not found")
         unknown = [c for c in settings.model_classes if c not in _NAME_TO_LABEL]
         if unknown:
             raise ConfigError("segmentation.model_classes", unknown, f"classes must be among {sorted(_NAME_TO_LABEL)}")
-        want_cuda = settings.device in ("auto", "cuda")
-        if settings.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("segmentation.device", "cuda", "CUDA is not available on this machine")
-        self.device = torch.device("cuda" if want_cuda and torch.cuda.is_available() else "cpu")
-        try:
-            self.model = torch.jit.load(str(path), map_location=self.device).eval()
-        except Exception as exc:  # torch raises RuntimeError with a long C++ trace
-            raise ConfigError("segmentation.model", str(path), f"not a loadable TorchScript model: {exc}") from exc
+        self.model, self.device = load_model(settings.model, settings.device, "segmentation")
         self.settings = settings
         self.stains = StainMatrix(stains.hematoxylin, stains.dab)
         self._lut = np.array([_NAME_TO_LABEL[c] for c in settings.model_classes], np.uint8)
-
-    def _prepare(self, rgb: np.ndarray, background: Background) -> np.ndarray:
-        if self.settings.model_channels == "rgb":
-            return rgb.astype(np.float32) / 255.0
-        return deconvolve(rgb, self.stains, background).astype(np.float32)
 
     def segment(self, slide: Slide, tissue: TissueMask, background: Background) -> CompartmentMap:
         import torch
@@ -202,7 +184,7 @@ class TorchScriptSegmenter:
             arrays = []
             for x, y, _w, _h in batch:
                 pixels, _ = slide.read_at_mpp(s.model_mpp, x, y, s.model_tile_size, s.model_tile_size)
-                arrays.append(self._prepare(pixels, background))
+                arrays.append(model_input(pixels, s.model_channels, self.stains, background))
             inp = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(self.device)
             with torch.inference_mode():
                 out = self.model(inp)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 from scipy.spatial import cKDTree
 
+from adapter.synth import SynthOutput
+from config.errors import ConfigError
 from config.settings import IntensitySettings, NucleiSettings, load_settings
+from dicom_io import open_slide
+from pipeline.analysis import analyse
 from pipeline.nuclei import (
+    NucleusModel,
     detect_cells,
     expand_cells,
     intensity_class,
@@ -18,6 +26,7 @@ from pipeline.nuclei import (
 )
 from pipeline.stains import StainMatrix, deconvolve, rgb_to_od
 from pipeline.synth import SlideModel, SynthSpec, render_tile
+from pipeline.synth.render import RenderedTile
 
 
 def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
@@ -102,3 +111,120 @@ def test_detection_and_classes_on_a_synthetic_tile(seed: int) -> None:
     assert 2 * precision * recall / (precision + recall) >= 0.9
     cls = intensity_class(intensity_value(tc.table, s.intensity), s.intensity)
     assert (cls[ok] == tile.cells["intensity_class"][j[ok]]).mean() >= 0.9
+
+
+class _HaematoxylinModel(torch.nn.Module):
+    """Nucleus logits from the haematoxylin OD channel of an ``hdab`` input: positive above 0.15."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1] - 0.15) * 40.0
+
+
+class _TwoClassModel(torch.nn.Module):
+    """The same decision as background/nucleus logits at half resolution (the pipeline resizes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.avg_pool2d(x[:, :1], 2)
+        return torch.cat([torch.zeros_like(h), (h - 0.15) * 40.0], 1)
+
+
+class _Nothing(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(x[:, :1], -20.0)
+
+
+class _WrongShape(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _scripted(module: torch.nn.Module, path: Path) -> Path:
+    torch.jit.script(module).save(str(path))
+    return path
+
+
+def _tile_f1(tile: RenderedTile, table: dict[str, np.ndarray]) -> float:
+    truth = np.stack([tile.cells["x_um"] / 0.5 - 512, tile.cells["y_um"] / 0.5 - 512], 1)
+    found = np.stack([table["x"], table["y"]], 1)
+    if len(found) == 0:
+        return 0.0
+    d, j = cKDTree(truth).query(found, distance_upper_bound=4.0 / 0.5)
+    tp = len(set(j[np.isfinite(d)]))
+    precision, recall = tp / len(found), tp / len(truth)
+    return 2 * precision * recall / (precision + recall) if tp else 0.0
+
+
+@pytest.mark.parametrize("module", [_HaematoxylinModel(), _TwoClassModel()], ids=["sigmoid", "softmax"])
+def test_nucleus_model_replaces_the_detection_image(module: torch.nn.Module, tmp_path: Path) -> None:
+    spec = SynthSpec(width=2048, height=2048, seed=4)
+    tile = render_tile(SlideModel(spec), 512, 512, 1024, 1024)
+    bg = (spec.background,) * 3
+    s = load_settings("ki67")
+    nuclei = s.nuclei.model_copy(update={"model": _scripted(module, tmp_path / "m.pt"), "model_channels": "hdab"})
+    model = NucleusModel(nuclei, StainMatrix())
+    prob = model.probability(tile.pixels, bg)
+    assert prob.shape == tile.pixels.shape[:2] and prob.dtype == np.float32
+    assert prob.min() >= 0.0 and prob.max() <= 1.0
+    od = deconvolve(tile.pixels, StainMatrix(), bg)
+    # A detection image that finds nothing: only the model's probability can find the cells.
+    blank = np.zeros(od.shape[:2], np.float32)
+    tc = detect_cells(blank, od[..., 1], blank, 0.5, nuclei, s.intensity, prob)
+    assert len(tc.table["x"]) > 100
+    assert _tile_f1(tile, tc.table) >= 0.85
+    # The model decides: a model that sees no nucleus anywhere gives no cells.
+    none = nuclei.model_copy(update={"model": _scripted(_Nothing(), tmp_path / "none.pt")})
+    empty = detect_cells(
+        od[..., 0],
+        od[..., 1],
+        od[..., 0],
+        0.5,
+        none,
+        s.intensity,
+        NucleusModel(none, StainMatrix()).probability(tile.pixels, bg),
+    )
+    assert len(empty.table["x"]) == 0
+
+
+def test_nucleus_model_errors_name_the_setting_and_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nuclei\.model.*absent\.pt.*file not found"):
+        NucleusModel(NucleiSettings(model=tmp_path / "absent.pt"), StainMatrix())
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00not torchscript")
+    with pytest.raises(ConfigError, match=r"nuclei\.model.*junk\.pt.*not a loadable TorchScript model"):
+        NucleusModel(NucleiSettings(model=junk), StainMatrix())
+    wrong = NucleusModel(NucleiSettings(model=_scripted(_WrongShape(), tmp_path / "wrong.pt")), StainMatrix())
+    with pytest.raises(ConfigError, match=r"wrong\.pt.*output \(1, 3, 32, 32\) is not \(N, 1 or 2, H, W\)"):
+        wrong.probability(np.full((32, 32, 3), 200, np.uint8), 255.0)
+
+
+def test_nucleus_model_in_the_slide_pipeline(small_slide: SynthOutput, tmp_path: Path) -> None:
+    model = _scripted(_HaematoxylinModel(), tmp_path / "m.pt")
+    assert small_slide.ome_tiff
+    with open_slide(small_slide.ome_tiff) as slide:
+        classical = analyse(slide, load_settings("ki67", ["tiling.workers=1"]))
+        learned = analyse(
+            slide, load_settings("ki67", ["tiling.workers=1", f"nuclei.model={model}", "nuclei.model_channels=hdab"])
+        )
+    assert learned.settings.nuclei.model == model
+    n_classical, n_learned = len(classical.cells["x_um"]), len(learned.cells["x_um"])
+    assert n_classical > 50 and abs(n_learned - n_classical) <= 0.15 * n_classical
+    with open_slide(small_slide.ome_tiff) as slide, pytest.raises(ConfigError, match=r"nuclei\.model.*file not found"):
+        analyse(slide, load_settings("ki67", [f"nuclei.model={tmp_path / 'gone.pt'}"]))
+
+
+def test_include_nuclei_off_measures_the_cytoplasm_only() -> None:
+    nuclei = np.zeros((12, 12), np.int32)
+    nuclei[4:8, 4:8] = 1  # 16 px of nucleus, DAB 0.9
+    cells, dist = expand_cells(nuclei, 2.0)
+    dab = np.where(nuclei > 0, 0.9, 0.3).astype(np.float32)
+    dab[5, 9] = 0.5  # one brighter cytoplasm pixel
+    with_n = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings())
+    without = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings(), include_nuclei=False)
+    n_cell = int((cells == 1).sum())
+    assert with_n["cell_area_um2"] == pytest.approx([n_cell * 0.25])
+    assert without["cell_area_um2"] == pytest.approx([(n_cell - 16) * 0.25])
+    assert with_n["cell_dab_max"] == pytest.approx([0.9]) and without["cell_dab_max"] == pytest.approx([0.5])
+    cyto = (0.3 * (n_cell - 17) + 0.5) / (n_cell - 16)
+    assert without["cell_dab_mean"] == pytest.approx([cyto])
+    assert with_n["cell_dab_mean"] == pytest.approx([(0.3 * (n_cell - 17) + 0.5 + 0.9 * 16) / n_cell])
+    assert without["nucleus_dab_mean"] == pytest.approx(with_n["nucleus_dab_mean"])

@@ -1,0 +1,43 @@
+"""Loading user-supplied TorchScript models (tumour–stroma or nuclei) from files.
+
+Nothing is downloaded: the file named in the settings is loaded, on CUDA when
+the settings allow it and a GPU is present, else on the CPU. Every refusal
+is a :class:`~config.errors.ConfigError` naming the setting and the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from config.errors import ConfigError
+from pipeline.stains import Background, StainMatrix, deconvolve
+
+
+def load_model(path: Path | None, device: Literal["auto", "cpu", "cuda"], section: str) -> tuple[Any, Any]:
+    """The model in ``path`` and the torch device it runs on; ``section`` names the settings (for errors)."""
+    import torch
+
+    if path is None:
+        raise ConfigError(f"{section}.model", None, "a TorchScript file is required")
+    if not Path(path).is_file():
+        raise ConfigError(f"{section}.model", str(path), "file not found")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{section}.device", "cuda", "CUDA is not available on this machine")
+    target = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    try:
+        model = torch.jit.load(str(path), map_location=target).eval()
+    except Exception as exc:  # torch raises RuntimeError with a long C++ trace
+        raise ConfigError(f"{section}.model", str(path), f"not a loadable TorchScript model: {exc}") from exc
+    return model, target
+
+
+def model_input(
+    rgb: np.ndarray, channels: Literal["rgb", "hdab"], stains: StainMatrix, background: Background
+) -> np.ndarray:
+    """``(H, W, 3)`` float32 input: RGB in [0, 1], or H / DAB / residual optical density."""
+    if channels == "rgb":
+        return rgb.astype(np.float32) / 255.0
+    return deconvolve(rgb, stains, background).astype(np.float32)
