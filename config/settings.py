@@ -148,7 +148,17 @@ class SegmentationSettings(_Frozen):
         25.0, ge=0, description="builtin: mean nuclear area (µm²) a tumour region must reach"
     )
     refine_to_nuclei: bool = Field(True, description="builtin: pull region edges in to the cells that make them up")
-    refine_reach_um: float = Field(12.0, gt=0, description="builtin: how far a tumour cell's territory reaches")
+    refine_reach_um: float = Field(
+        16.0,
+        gt=0,
+        description="builtin: nuclei up to twice this apart are one region (a gap of one undetected cell stays filled)",
+    )
+    refine_margin_um: float = Field(
+        10.0,
+        ge=0,
+        description="builtin: the region's edge lies this far beyond its outermost nuclei's centres (a carcinoma"
+        " nucleus' radius, ~5 µm, plus QuPath's cell expansion, 5 µm); at most refine_reach_um",
+    )
     map_um: float = Field(
         2.0, gt=0, description="builtin: compartment map resolution (µm/px; a whole fraction of tissue.mpp)"
     )
@@ -169,6 +179,10 @@ class SegmentationSettings(_Frozen):
     def _model_needs_file(self) -> SegmentationSettings:
         if self.method == "model" and self.model is None:
             raise ValueError("method 'model' needs segmentation.model = path to a TorchScript file")
+        if self.refine_margin_um > self.refine_reach_um:
+            raise ValueError(
+                f"refine_margin_um {self.refine_margin_um} must not exceed refine_reach_um {self.refine_reach_um}"
+            )
         return self
 
 

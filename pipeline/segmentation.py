@@ -12,10 +12,11 @@ Two methods behind one result type (:class:`CompartmentMap`):
     ~20–35 % of its area; stroma is sparse, ~3–5 %; lymphocyte-rich stroma is
     crowded but its nuclei are small). The region is then drawn on a finer
     map (``map_um``) and its edge pulled in to the cells that make it up
-    (within ``refine_reach_um`` of a large nucleus, gaps closed). Non-tissue
-    is fat/background; the rest of the tissue is stroma. It knows nothing of necrosis, in-situ disease or normal
-    epithelium, which it will call tumour when crowded: for those, train a
-    model.
+    (within ``refine_reach_um`` of its nuclei, shrunk back to
+    ``refine_margin_um`` beyond the outermost ones). Non-tissue is
+    fat/background; the rest of the tissue is stroma. It knows nothing of
+    necrosis, in-situ disease or normal epithelium, which it will call tumour
+    when crowded: for those, train a model.
 ``model``
     A TorchScript file (``segmentation.model``) run on tiles read at
     ``model_mpp`` with ``model_tile_size``; input ``(N, 3, H, W)`` float32,
@@ -116,7 +117,7 @@ def builtin_segmentation(
     mask = tissue.mask if f == 1 else cv2.resize(tissue.mask.view(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
     mpp = tissue.mpp / f
     if settings.refine_to_nuclei and tumour.any():
-        tumour = _refine_to_nuclei(tumour, x_um, y_um, nucleus_area_um2, mpp, settings)
+        tumour = _refine_to_nuclei(tumour, x_um, y_um, mpp, settings)
     labels = np.full(mask.shape, FAT_BACKGROUND, np.uint8)
     labels[mask] = STROMA
     labels[mask & tumour] = TUMOUR
@@ -127,30 +128,37 @@ def _refine_to_nuclei(
     tumour: np.ndarray,
     x_um: np.ndarray,
     y_um: np.ndarray,
-    area_um2: np.ndarray,
     mpp: float,
     settings: SegmentationSettings,
 ) -> np.ndarray:
     """Pull the smoothed region's edge in to the cells that make it up.
 
     Smoothing spreads a crowded region about one smoothing radius into its
-    surroundings; a pathologist draws tumour around the tumour cells. Keep
-    the region's pixels that hold, or touch, a large enough nucleus, then
-    close small gaps between cells.
+    surroundings; a pathologist draws tumour around the tumour cells. The
+    region keeps the pixels within ``refine_reach_um`` of a nucleus it holds
+    (so a gap of one undetected cell between two detected ones stays filled),
+    shrunk back to ``refine_margin_um`` beyond the outermost nuclei (their
+    radius plus a cell expansion). Every nucleus in the region counts, not
+    only large ones: the region rule has already judged the crowding, and pale
+    tumour nuclei are often measured small.
     """
     h, w = tumour.shape
     col = np.clip((x_um / mpp).astype(np.int64), 0, w - 1)
     row = np.clip((y_um / mpp).astype(np.int64), 0, h - 1)
-    big = area_um2 >= settings.tumour_min_nucleus_um2
     occupied = np.zeros((h, w), bool)
-    occupied[row[big], col[big]] = True
+    occupied[row, col] = True
     reach = max(1, round(settings.refine_reach_um / mpp))
-    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * reach + 1, 2 * reach + 1))
-    near = cv2.dilate(occupied.view(np.uint8), disk) > 0
-    refined = np.ascontiguousarray(tumour & near).view(np.uint8)
-    # Closing with a border wide enough that it does not erode from the slide's edge.
-    closed = cv2.morphologyEx(refined, cv2.MORPH_CLOSE, disk, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    return (closed > 0) & tumour
+    near = cv2.dilate(occupied.view(np.uint8), _disk(reach))
+    # Back from the reach to the margin. Beyond the slide's edge OpenCV's
+    # erosion sees foreground, so regions cut by the edge are not eaten.
+    shrink = reach - min(reach, round(settings.refine_margin_um / mpp))
+    if shrink > 0:
+        near = cv2.erode(near, _disk(shrink))
+    return (near > 0) & tumour
+
+
+def _disk(radius_px: int) -> np.ndarray:
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_px + 1, 2 * radius_px + 1))
 
 
 def _fit(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

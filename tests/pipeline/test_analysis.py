@@ -51,13 +51,18 @@ def test_cell_detection_f1_and_class_accuracy(
     assert accuracy >= 0.9
 
 
-def test_compartment_h_scores_and_tumour_iou(
-    results: dict[str, SlideResult], accuracy_slides: dict[str, SynthOutput]
-) -> None:
+def test_compartment_h_scores(results: dict[str, SlideResult], accuracy_slides: dict[str, SynthOutput]) -> None:
     r, out = results["typical"], accuracy_slides["typical"]
     for compartment in ("tumour", "stroma", "tissue"):
         expected = out.truth["compartments"][compartment]["h_score"]
         assert abs(r.compartment_stats[compartment]["h_score"] - expected) <= 10, compartment
+
+
+@pytest.mark.parametrize("name", ["typical", "low_tumour"])
+def test_tumour_iou_and_fraction(
+    name: str, results: dict[str, SlideResult], accuracy_slides: dict[str, SynthOutput]
+) -> None:
+    r, out = results[name], accuracy_slides[name]
     truth = np.array(Image.open(out.truth_dir / "compartments.png"))
     step_um = out.truth["truth_step_px"] * out.truth["spec"]["mpp"]
     yy, xx = np.indices(truth.shape)

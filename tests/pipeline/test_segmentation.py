@@ -7,12 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from adapter.synth import SynthOutput
 from config.errors import ConfigError
 from config.settings import SegmentationSettings, StainSettings, TissueSettings
 from dicom_io import open_slide
-from pipeline.segmentation import FAT_BACKGROUND, STROMA, TUMOUR, TorchScriptSegmenter, builtin_segmentation
+from pipeline.segmentation import (
+    FAT_BACKGROUND,
+    STROMA,
+    TUMOUR,
+    CompartmentMap,
+    TorchScriptSegmenter,
+    builtin_segmentation,
+)
 from pipeline.tissue import TissueMask, detect_tissue
 
 
@@ -84,27 +92,42 @@ def _crowded_disc(radius_um: float, spacing_um: float = 9.0) -> tuple[np.ndarray
     return x, y, np.full(x.shape, 35.0)
 
 
-def _edge_um(map_um: float, reach_um: float) -> tuple[float, float]:
+def _edge_um(map_um: float, margin_um: float, hole: bool = False) -> tuple[float, CompartmentMap]:
     """How far the builtin tumour region reaches beyond its outermost nuclei (equivalent radius)."""
     tissue = TissueMask(mask=np.ones((150, 150), bool), mpp=8.0, threshold_od=0.1)
     x, y, area = _crowded_disc(200.0)
-    cmap = builtin_segmentation(x, y, area, tissue, SegmentationSettings(map_um=map_um, refine_reach_um=reach_um))
+    if hole:  # one undetected nucleus at the centre
+        keep = np.hypot(x - 600, y - 600) > 1.0
+        x, y, area = x[keep], y[keep], area[keep]
+    settings = SegmentationSettings(map_um=map_um, refine_margin_um=margin_um)
+    cmap = builtin_segmentation(x, y, area, tissue, settings)
     assert cmap.mpp == map_um and cmap.labels.shape == (round(150 * 8 / map_um),) * 2
     assert (cmap.lookup(x, y) == TUMOUR).all()
     outermost = float(np.hypot(x - 600, y - 600).max())
     assert cmap.lookup(np.array([630.0 + outermost]), np.array([600.0]))[0] == STROMA
-    return float(np.sqrt(cmap.area_mm2(TUMOUR) * 1e6 / np.pi)) - outermost, cmap.mpp
+    return float(np.sqrt(cmap.area_mm2(TUMOUR) * 1e6 / np.pi)) - outermost, cmap
 
 
 @pytest.mark.parametrize("map_um", [8.0, 2.0])
-def test_builtin_edge_lies_within_reach_of_the_outermost_nuclei(map_um: float) -> None:
-    edge, _ = _edge_um(map_um, 12.0)
-    assert 0.0 < edge <= 12.0 + map_um
+def test_builtin_edge_lies_a_margin_beyond_the_outermost_nuclei(map_um: float) -> None:
+    edge, _ = _edge_um(map_um, 10.0)
+    # The lattice's outline runs up to half a spacing (4.5 µm) inside its outermost nucleus.
+    assert 10.0 - 4.5 - map_um <= edge <= 10.0 + map_um
 
 
-def test_builtin_fine_map_resolves_the_reach() -> None:
-    """On a 2 µm map, 4 µm more reach moves the edge out by about 4 µm."""
-    assert abs((_edge_um(2.0, 12.0)[0] - _edge_um(2.0, 8.0)[0]) - 4.0) <= 1.5
+def test_builtin_fine_map_resolves_the_margin() -> None:
+    """On a 2 µm map, 4 µm more margin moves the edge out by about 4 µm."""
+    assert abs((_edge_um(2.0, 10.0)[0] - _edge_um(2.0, 6.0)[0]) - 4.0) <= 1.5
+
+
+def test_builtin_region_has_no_hole_where_one_nucleus_was_missed() -> None:
+    _, cmap = _edge_um(2.0, 10.0, hole=True)
+    assert cmap.lookup(np.array([600.0]), np.array([600.0]))[0] == TUMOUR
+
+
+def test_refine_margin_may_not_exceed_the_reach() -> None:
+    with pytest.raises(ValidationError, match=r"refine_margin_um 20\.0 must not exceed refine_reach_um 16\.0"):
+        SegmentationSettings(refine_margin_um=20.0)
 
 
 def test_builtin_map_stays_within_its_pixel_budget() -> None:
