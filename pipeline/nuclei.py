@@ -24,7 +24,6 @@ faster than scipy.ndimage on one core); every measurement is a vectorised
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -172,30 +171,32 @@ def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, n
 
 
 def membrane_rings(
-    cells: np.ndarray,
-    nuclei: np.ndarray,
+    cell: np.ndarray,
+    nucleus: np.ndarray,
     dist_px: np.ndarray,
-    dab_od: np.ndarray,
+    dab: np.ndarray,
     n: int,
     ring_px: float,
     threshold: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Membrane DAB per cell: the ring around the nucleus where staining is strongest.
 
-    The cytoplasm of each cell is cut into rings ``ring_px`` wide by distance
-    from its nucleus; the membrane is the ring with the highest mean DAB
-    (membranes are the brightest closed contour around a nucleus, wherever
-    the cell's outline lies). Returns that ring's mean and max DAB and the
-    fraction of its pixels at or above ``threshold`` (completeness).
+    Inputs are flat, one entry per pixel: cell label, nucleus label (0 in the
+    cytoplasm), distance from the nucleus and DAB. The cytoplasm of each cell
+    is cut into rings ``ring_px`` wide by distance from its nucleus; the
+    membrane is the ring with the highest mean DAB (membranes are the
+    brightest closed contour around a nucleus, wherever the cell's outline
+    lies). Returns that ring's mean and max DAB and the fraction of its
+    pixels at or above ``threshold`` (completeness).
     """
     zeros = np.zeros(n)
-    outside = (cells > 0) & (nuclei == 0)
-    if n == 0 or not outside.any():
+    outside = np.flatnonzero((cell > 0) & (nucleus == 0))
+    if n == 0 or len(outside) == 0:
         return zeros, zeros, zeros
     ring = np.minimum((dist_px[outside] / ring_px).astype(np.int64), 63)
     rings = int(ring.max()) + 1
-    key = (cells[outside].astype(np.int64) - 1) * rings + ring
-    dab = dab_od[outside]
+    key = (cell[outside] - 1) * rings + ring
+    dab = dab[outside]
     count = np.bincount(key, minlength=n * rings).reshape(n, rings)
     total = np.bincount(key, weights=dab, minlength=n * rings).reshape(n, rings)
     above = np.bincount(key, weights=(dab >= threshold), minlength=n * rings).reshape(n, rings)
@@ -218,13 +219,6 @@ def membrane_rings(
 def _sums(labels: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Sum of ``weights`` (or the pixel count) per label 1..n; both flat."""
     return np.bincount(labels, weights=weights, minlength=n + 1)[1 : n + 1]
-
-
-@lru_cache(maxsize=8)
-def _coordinates(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Flat column and row index of every pixel (cached per tile shape)."""
-    yy, xx = np.indices(shape)
-    return xx.ravel().astype(np.float64), yy.ravel().astype(np.float64)
 
 
 def label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -262,34 +256,39 @@ def measure_cells(
     n = int(nuclei.max())
     if n == 0:
         return {c: np.zeros(0) for c in CELL_COLUMNS}
-    # Labels as intp once: bincount and scatter-reduce would each convert them.
-    nuc, cel = nuclei.ravel().astype(np.intp), cells.ravel().astype(np.intp)
-    dab = np.ascontiguousarray(dab_od, dtype=np.float64).ravel()
-    xs, ys = _coordinates(nuclei.shape)
+    # Every reduction runs over the cells' pixels only, gathered once (nuclei
+    # lie inside their cells), with labels as intp, which bincount and
+    # scatter-reduce would otherwise each convert.
+    inside = np.flatnonzero(cells.ravel())
+    cel = cells.ravel()[inside].astype(np.intp)
+    nuc = nuclei.ravel()[inside].astype(np.intp)  # 0 in the cytoplasm
+    dab = np.ascontiguousarray(dab_od, dtype=np.float64).ravel()[inside]
     counts = _sums(nuc, n)
     cell_counts = _sums(cel, n)
     nucleus_dab, cell_dab = _sums(nuc, n, dab), _sums(cel, n, dab)
     mem_mean, mem_max, mem_pos = membrane_rings(
-        cells, nuclei, dist_px, dab_od, n, intensity.membrane_width_um / mpp, intensity.thresholds[0]
+        cel, nuc, dist_px.ravel()[inside], dab, n, intensity.membrane_width_um / mpp, intensity.thresholds[0]
     )
     px = mpp * mpp
     cyto_counts = cell_counts - counts
     with np.errstate(invalid="ignore", divide="ignore"):
         cytoplasm_dab = np.where(cyto_counts > 0, (cell_dab - nucleus_dab) / cyto_counts, 0.0)
     if include_nuclei:
-        cell_mean, cell_max = cell_dab / cell_counts, label_max(dab_od, cel, n)
+        cell_mean, cell_max = cell_dab / cell_counts, label_max(dab, cel, n)
     else:
         cell_counts = cyto_counts
         cell_mean = cytoplasm_dab
-        cell_max = np.maximum(label_max(dab_od, np.where(nuclei.ravel() > 0, 0, cel), n), 0.0)
+        cell_max = np.maximum(label_max(dab, np.where(nuc > 0, 0, cel), n), 0.0)
+    width = nuclei.shape[1]
+    xs, ys = (inside % width).astype(np.float64), (inside // width).astype(np.float64)
     return {
         "x": _sums(nuc, n, xs) / counts,
         "y": _sums(nuc, n, ys) / counts,
         "nucleus_area_um2": counts * px,
         "cell_area_um2": cell_counts * px,
-        "nucleus_h": _sums(nuc, n, np.ascontiguousarray(h_od, dtype=np.float64).ravel()) / counts,
+        "nucleus_h": _sums(nuc, n, np.ascontiguousarray(h_od, dtype=np.float64).ravel()[inside]) / counts,
         "nucleus_dab_mean": nucleus_dab / counts,
-        "nucleus_dab_max": label_max(dab_od, nuc, n),
+        "nucleus_dab_max": label_max(dab, nuc, n),
         "cytoplasm_dab_mean": cytoplasm_dab,
         "membrane_dab_mean": mem_mean,
         "membrane_dab_max": mem_max,
