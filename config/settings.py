@@ -122,6 +122,13 @@ class IntensitySettings(_Frozen):
     thresholds: tuple[float, float, float] = Field((0.2, 0.4, 0.6), description="1+, 2+, 3+ thresholds (OD)")
     single_threshold: float | None = Field(None, gt=0, description="use one positive threshold instead")
     membrane_width_um: float = Field(1.0, gt=0, description="width of the membrane band inside the cell edge")
+    membrane_method: Literal["ring", "sectors"] = Field(
+        "sectors",
+        description="membrane DAB: 'ring' = the brightest ring (membrane_width_um wide) around the nucleus; "
+        "'sectors' = the peak DAB along each of membrane_sectors directions from the nucleus' centre, averaged, "
+        "completeness = the fraction of directions at or above the 1+ threshold",
+    )
+    membrane_sectors: int = Field(16, ge=4, le=64, description="directions for membrane_method = 'sectors'")
 
     @field_validator("thresholds")
     @classmethod

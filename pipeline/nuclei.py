@@ -221,6 +221,47 @@ def membrane_rings(
     )
 
 
+def membrane_sectors(
+    cell: np.ndarray,
+    nucleus: np.ndarray,
+    dx: np.ndarray,
+    dy: np.ndarray,
+    dab: np.ndarray,
+    n: int,
+    sectors: int,
+    threshold: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Membrane DAB per cell from the peak along each direction out of the nucleus.
+
+    Inputs are flat, one entry per pixel: cell label, nucleus label (0 in the
+    cytoplasm), offset from the cell's nucleus centre and DAB. The cytoplasm
+    is cut into ``sectors`` equal angles around the nucleus centre; a membrane
+    crosses every direction once, wherever the cell's outline lies, so the
+    highest DAB of each sector is the membrane's there. Returns the mean and
+    max of the sector peaks and the fraction of sectors whose peak reaches
+    ``threshold`` (the stained fraction of the circumference).
+    """
+    zeros = np.zeros(n)
+    outside = np.flatnonzero((cell > 0) & (nucleus == 0))
+    if n == 0 or len(outside) == 0:
+        return zeros, zeros, zeros
+    angle = np.arctan2(dy[outside], dx[outside])
+    sector = np.minimum(((angle + np.pi) * (sectors / (2 * np.pi))).astype(np.int64), sectors - 1)
+    key = (cell[outside] - 1) * sectors + sector
+    peak = label_max(dab[outside], key + 1, n * sectors).reshape(n, sectors)
+    seen = np.isfinite(peak)
+    n_seen = seen.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(seen, peak, 0.0).sum(axis=1) / n_seen
+        stained = (seen & (peak >= threshold)).sum(axis=1) / n_seen
+    has = n_seen > 0
+    return (
+        np.where(has, mean, 0.0),
+        np.where(has, np.where(seen, peak, -np.inf).max(axis=1), 0.0),
+        np.where(has, stained, 0.0),
+    )
+
+
 def _sums(labels: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
     """Sum of ``weights`` (or the pixel count) per label 1..n; both flat."""
     return np.bincount(labels, weights=weights, minlength=n + 1)[1 : n + 1]
@@ -271,9 +312,17 @@ def measure_cells(
     counts = _sums(nuc, n)
     cell_counts = _sums(cel, n)
     nucleus_dab, cell_dab = _sums(nuc, n, dab), _sums(cel, n, dab)
-    mem_mean, mem_max, mem_pos = membrane_rings(
-        cel, nuc, dist_px.ravel()[inside], dab, n, intensity.membrane_width_um / mpp, intensity.thresholds[0]
-    )
+    width = nuclei.shape[1]
+    xs, ys = (inside % width).astype(np.float64), (inside // width).astype(np.float64)
+    cx, cy = _sums(nuc, n, xs) / counts, _sums(nuc, n, ys) / counts
+    if intensity.membrane_method == "sectors":
+        mem_mean, mem_max, mem_pos = membrane_sectors(
+            cel, nuc, xs - cx[cel - 1], ys - cy[cel - 1], dab, n, intensity.membrane_sectors, intensity.thresholds[0]
+        )
+    else:
+        mem_mean, mem_max, mem_pos = membrane_rings(
+            cel, nuc, dist_px.ravel()[inside], dab, n, intensity.membrane_width_um / mpp, intensity.thresholds[0]
+        )
     px = mpp * mpp
     cyto_counts = cell_counts - counts
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -284,11 +333,9 @@ def measure_cells(
         cell_counts = cyto_counts
         cell_mean = cytoplasm_dab
         cell_max = np.maximum(label_max(dab, np.where(nuc > 0, 0, cel), n), 0.0)
-    width = nuclei.shape[1]
-    xs, ys = (inside % width).astype(np.float64), (inside // width).astype(np.float64)
     return {
-        "x": _sums(nuc, n, xs) / counts,
-        "y": _sums(nuc, n, ys) / counts,
+        "x": cx,
+        "y": cy,
         "nucleus_area_um2": counts * px,
         "cell_area_um2": cell_counts * px,
         "nucleus_h": _sums(nuc, n, np.ascontiguousarray(h_od, dtype=np.float64).ravel()[inside]) / counts,

@@ -228,3 +228,37 @@ def test_include_nuclei_off_measures_the_cytoplasm_only() -> None:
     assert without["cell_dab_mean"] == pytest.approx([cyto])
     assert with_n["cell_dab_mean"] == pytest.approx([(0.3 * (n_cell - 17) + 0.5 + 0.9 * 16) / n_cell])
     assert without["nucleus_dab_mean"] == pytest.approx(with_n["nucleus_dab_mean"])
+
+
+def _cell_with_wavy_membrane() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One cell: nucleus of radius 5 px, cell of radius 16 px, and a membrane whose
+    distance from the centre wanders between 9 and 14 px with the angle (DAB 0.5 on 0.05)."""
+    yy, xx = np.indices((41, 41)) - 20.0
+    r, theta = np.hypot(xx, yy), np.arctan2(yy, xx)
+    nuclei = (r <= 5).astype(np.int32)
+    cells = (r <= 16).astype(np.int32)
+    membrane_r = 11.5 + 2.5 * np.sin(3 * theta)
+    dab = np.where(np.abs(r - membrane_r) <= 0.75, 0.5, 0.05).astype(np.float32)
+    dist = np.maximum(r - 5, 0).astype(np.float32)
+    return nuclei, cells, dist, dab
+
+
+def test_membrane_sectors_follow_a_membrane_at_any_distance() -> None:
+    nuclei, cells, dist, dab = _cell_with_wavy_membrane()
+    sectors = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings(membrane_method="sectors"))
+    ring = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings(membrane_method="ring"))
+    # Every direction crosses the membrane: its full intensity, all around.
+    assert sectors["membrane_dab_mean"] == pytest.approx([0.5])
+    assert sectors["membrane_positive_fraction"] == pytest.approx([1.0])
+    assert sectors["membrane_dab_max"] == pytest.approx([0.5])
+    # One ring at a fixed distance holds only part of it.
+    assert ring["membrane_dab_mean"][0] < 0.35 and ring["membrane_positive_fraction"][0] < 0.7
+
+
+def test_membrane_sectors_completeness_counts_stained_directions() -> None:
+    nuclei, cells, dist, dab = _cell_with_wavy_membrane()
+    yy, xx = np.indices(dab.shape) - 20.0
+    dab[(xx < 0) & (yy < 0)] = 0.05  # a quarter of the circumference unstained
+    t = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings(membrane_sectors=16))
+    assert t["membrane_positive_fraction"] == pytest.approx([12 / 16])
+    assert t["membrane_dab_mean"] == pytest.approx([(12 * 0.5 + 4 * 0.05) / 16])
