@@ -24,6 +24,7 @@ VOLUME ["/data/spool", "/data/output", "/data/incoming", "/config"]
 # DICOM (C-STORE, C-ECHO) and /healthz + /metrics for Prometheus.
 EXPOSE 11112 8080
 ENV IHC_ADAPTER__PATHS__SPOOL=/data/spool IHC_ADAPTER__PATHS__OUTPUT=/data/output \
+    NUMBA_CACHE_DIR=/tmp/numba-cache \
     IHC_ADAPTER__SERVICE__HTTP_HOST=0.0.0.0 IHC_ADAPTER__SERVICE__HTTP_PORT=8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"

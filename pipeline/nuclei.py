@@ -17,8 +17,9 @@ For one tile of haematoxylin / DAB optical density at the requested pixel size:
 
 The image operations are OpenCV's (Gaussian blur, morphology, connected
 components, distance transforms with nearest-source labels: several times
-faster than scipy.ndimage on one core); every measurement is a vectorised
-``bincount`` / scatter-reduce over label images: there is no Python loop per cell.
+faster than scipy.ndimage on one core); the per-cell measurements come from
+two compiled passes over the label images (:mod:`pipeline.kernels`): there is
+no Python loop per cell or per pixel.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from scipy import ndimage
 
 from config.errors import ConfigError
 from config.settings import IntensitySettings, NucleiSettings
+from pipeline import kernels
 from pipeline.stains import Background, StainMatrix
 from pipeline.torchscript import load_model, model_input
 
@@ -221,50 +223,25 @@ def membrane_rings(
     )
 
 
-def membrane_sectors(
-    cell: np.ndarray,
-    nucleus: np.ndarray,
-    dx: np.ndarray,
-    dy: np.ndarray,
-    dab: np.ndarray,
-    n: int,
-    sectors: int,
-    threshold: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def membrane_sectors(peak: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Membrane DAB per cell from the peak along each direction out of the nucleus.
 
-    Inputs are flat, one entry per pixel: cell label, nucleus label (0 in the
-    cytoplasm), offset from the cell's nucleus centre and DAB. The cytoplasm
-    is cut into ``sectors`` equal angles around the nucleus centre; a membrane
-    crosses every direction once, wherever the cell's outline lies, so the
-    highest DAB of each sector is the membrane's there. Returns the mean and
-    max of the sector peaks and the fraction of sectors whose peak reaches
-    ``threshold`` (the stained fraction of the circumference).
+    ``peak`` is ``(n, sectors)``: the highest cytoplasm DAB of each cell in
+    each equal angle around its nucleus centre (-inf where a sector has no
+    pixel; :func:`pipeline.kernels.sector_peaks`). A membrane crosses every
+    direction once, wherever the cell's outline lies, so a sector's peak is
+    the membrane's there. Returns the mean and max of the sector peaks and the
+    fraction of sectors whose peak reaches ``threshold`` (the stained fraction
+    of the circumference); 0 for a cell without cytoplasm.
     """
-    zeros = np.zeros(n)
-    outside = np.flatnonzero((cell > 0) & (nucleus == 0))
-    if n == 0 or len(outside) == 0:
-        return zeros, zeros, zeros
-    angle = np.arctan2(dy[outside], dx[outside])
-    sector = np.minimum(((angle + np.pi) * (sectors / (2 * np.pi))).astype(np.int64), sectors - 1)
-    key = (cell[outside] - 1) * sectors + sector
-    peak = label_max(dab[outside], key + 1, n * sectors).reshape(n, sectors)
     seen = np.isfinite(peak)
     n_seen = seen.sum(axis=1)
+    has = n_seen > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(seen, peak, 0.0).sum(axis=1) / n_seen
         stained = (seen & (peak >= threshold)).sum(axis=1) / n_seen
-    has = n_seen > 0
-    return (
-        np.where(has, mean, 0.0),
-        np.where(has, np.where(seen, peak, -np.inf).max(axis=1), 0.0),
-        np.where(has, stained, 0.0),
-    )
-
-
-def _sums(labels: np.ndarray, n: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Sum of ``weights`` (or the pixel count) per label 1..n; both flat."""
-    return np.bincount(labels, weights=weights, minlength=n + 1)[1 : n + 1]
+    top = peak.max(axis=1) if peak.shape[1] else np.zeros(len(peak))
+    return np.where(has, mean, 0.0), np.where(has, top, 0.0), np.where(has, stained, 0.0)
 
 
 def label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -302,45 +279,44 @@ def measure_cells(
     n = int(nuclei.max())
     if n == 0:
         return {c: np.zeros(0) for c in CELL_COLUMNS}
-    # Every reduction runs over the cells' pixels only, gathered once (nuclei
-    # lie inside their cells), with labels as intp, which bincount and
-    # scatter-reduce would otherwise each convert.
-    inside = np.flatnonzero(cells.ravel())
-    cel = cells.ravel()[inside].astype(np.intp)
-    nuc = nuclei.ravel()[inside].astype(np.intp)  # 0 in the cytoplasm
-    dab = np.ascontiguousarray(dab_od, dtype=np.float64).ravel()[inside]
-    counts = _sums(nuc, n)
-    cell_counts = _sums(cel, n)
-    nucleus_dab, cell_dab = _sums(nuc, n, dab), _sums(cel, n, dab)
-    width = nuclei.shape[1]
-    xs, ys = (inside % width).astype(np.float64), (inside // width).astype(np.float64)
-    cx, cy = _sums(nuc, n, xs) / counts, _sums(nuc, n, ys) / counts
+    nuclei, cells = np.ascontiguousarray(nuclei), np.ascontiguousarray(cells)
+    dab_od = np.ascontiguousarray(dab_od)
+    st = kernels.cell_stats(nuclei, cells, np.ascontiguousarray(h_od), dab_od, n)
+    counts, cell_counts = st[kernels.NUCLEUS_PIXELS], st[kernels.CELL_PIXELS]
+    nucleus_dab, cell_dab = st[kernels.NUCLEUS_DAB_SUM], st[kernels.CELL_DAB_SUM]
+    cx, cy = st[kernels.NUCLEUS_X_SUM] / counts, st[kernels.NUCLEUS_Y_SUM] / counts
     if intensity.membrane_method == "sectors":
-        mem_mean, mem_max, mem_pos = membrane_sectors(
-            cel, nuc, xs - cx[cel - 1], ys - cy[cel - 1], dab, n, intensity.membrane_sectors, intensity.thresholds[0]
-        )
+        peak = kernels.sector_peaks(nuclei, cells, dab_od, cx, cy, intensity.membrane_sectors)
+        mem_mean, mem_max, mem_pos = membrane_sectors(peak, intensity.thresholds[0])
     else:
+        inside = np.flatnonzero(cells.ravel())
         mem_mean, mem_max, mem_pos = membrane_rings(
-            cel, nuc, dist_px.ravel()[inside], dab, n, intensity.membrane_width_um / mpp, intensity.thresholds[0]
+            cells.ravel()[inside].astype(np.intp),
+            nuclei.ravel()[inside].astype(np.intp),
+            dist_px.ravel()[inside],
+            dab_od.ravel()[inside].astype(np.float64),
+            n,
+            intensity.membrane_width_um / mpp,
+            intensity.thresholds[0],
         )
     px = mpp * mpp
     cyto_counts = cell_counts - counts
     with np.errstate(invalid="ignore", divide="ignore"):
         cytoplasm_dab = np.where(cyto_counts > 0, (cell_dab - nucleus_dab) / cyto_counts, 0.0)
     if include_nuclei:
-        cell_mean, cell_max = cell_dab / cell_counts, label_max(dab, cel, n)
+        cell_mean, cell_max = cell_dab / cell_counts, st[kernels.CELL_DAB_MAX]
     else:
         cell_counts = cyto_counts
         cell_mean = cytoplasm_dab
-        cell_max = np.maximum(label_max(dab, np.where(nuc > 0, 0, cel), n), 0.0)
+        cell_max = np.maximum(st[kernels.CYTOPLASM_DAB_MAX], 0.0)
     return {
         "x": cx,
         "y": cy,
         "nucleus_area_um2": counts * px,
         "cell_area_um2": cell_counts * px,
-        "nucleus_h": _sums(nuc, n, np.ascontiguousarray(h_od, dtype=np.float64).ravel()[inside]) / counts,
+        "nucleus_h": st[kernels.NUCLEUS_H_SUM] / counts,
         "nucleus_dab_mean": nucleus_dab / counts,
-        "nucleus_dab_max": label_max(dab, nuc, n),
+        "nucleus_dab_max": st[kernels.NUCLEUS_DAB_MAX],
         "cytoplasm_dab_mean": cytoplasm_dab,
         "membrane_dab_mean": mem_mean,
         "membrane_dab_max": mem_max,
