@@ -3,7 +3,8 @@
 Each measurement used to be one NumPy reduction over the cells' pixels
 (bincount, scatter-max, gathers): some twenty passes over a tile. These
 kernels make one pass for all the sums and maxima and one for the membrane
-sectors. Compiled code is cached beside the module or, where that is not
+sectors; a third turns a nearest-nucleus distance transform into cell
+labels. Compiled code is cached beside the module or, where that is not
 writable, in ``NUMBA_CACHE_DIR``.
 """
 
@@ -80,3 +81,27 @@ def sector_peaks(
             if d > peak[i, s]:
                 peak[i, s] = d
     return peak
+
+
+@numba.njit(cache=True, nogil=True)
+def nearest_labels(nuclei: np.ndarray, nearest: np.ndarray, dist: np.ndarray, max_dist: float) -> np.ndarray:
+    """Each pixel's nearest nucleus label within ``max_dist`` (0 beyond).
+
+    ``nearest`` and ``dist`` are OpenCV's ``distanceTransformWithLabels``
+    (``DIST_LABEL_PIXEL``) of the non-nucleus pixels: the index (1, 2, … in
+    raster order) of each pixel's nearest nucleus pixel, and the distance to it.
+    """
+    height, width = nuclei.shape
+    owner = np.zeros(height * width + 1, np.int32)
+    k = 0
+    for y in range(height):
+        for x in range(width):
+            if nuclei[y, x] != 0:
+                k += 1
+                owner[k] = nuclei[y, x]
+    cells = np.zeros((height, width), np.int32)
+    for y in range(height):
+        for x in range(width):
+            if dist[y, x] <= max_dist:
+                cells[y, x] = owner[nearest[y, x]]
+    return cells

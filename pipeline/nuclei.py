@@ -164,16 +164,12 @@ def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, n
     """
     if not nuclei.any():
         return nuclei.copy(), np.zeros(nuclei.shape, np.float32)
-    flat = nuclei.ravel()
     # OpenCV numbers the source (nucleus) pixels 1, 2, … in raster order and
     # labels every pixel with its nearest one.
     dist, nearest = cv2.distanceTransformWithLabels(
         (nuclei == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
     )
-    owner = np.zeros(int(np.count_nonzero(flat)) + 1, np.int32)
-    owner[1:] = flat[flat != 0]
-    cells = owner[nearest]
-    cells[dist > expansion_px] = 0
+    cells = kernels.nearest_labels(np.ascontiguousarray(nuclei, dtype=np.int32), nearest, dist, float(expansion_px))
     return cells, dist
 
 

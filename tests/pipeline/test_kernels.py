@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 
@@ -60,3 +61,25 @@ def test_sector_peaks_match_numpy(sectors: int) -> None:
             values = dab[cyto][sector == s]
             want = values.max() if values.size else -np.inf
             assert peak[k - 1, s] == pytest.approx(want)
+
+
+def test_nearest_labels_follow_the_raster_numbering_of_nucleus_pixels() -> None:
+    # Label 2 comes first in raster order and label 1 spans several rows.
+    nuclei = np.zeros((12, 30), np.int32)
+    nuclei[2:4, 20:23] = 1
+    nuclei[5:8, 18:21] = 1
+    nuclei[1, 3:5] = 2
+    nuclei[9, 4] = 3
+    dist, nearest = cv2.distanceTransformWithLabels(
+        (nuclei == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
+    )
+    cells = kernels.nearest_labels(nuclei, nearest, dist, 3.0)
+    # Brute force: the label of the nearest nucleus pixel, cut at the same distances.
+    ny, nx = np.nonzero(nuclei)
+    yy, xx = np.indices(nuclei.shape)
+    d2 = (yy[..., None] - ny) ** 2 + (xx[..., None] - nx) ** 2
+    want = np.where(dist <= 3.0, nuclei[ny, nx][d2.argmin(axis=-1)], 0)
+    unique = np.sort(d2, axis=-1)[..., 1] > np.sort(d2, axis=-1)[..., 0]  # no tie between two nucleus pixels
+    assert (cells[unique] == want[unique]).all()
+    assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all()
+    assert cells[2, 10] == 0 and cells[1, 6] == 2 and cells[10, 4] == 3
