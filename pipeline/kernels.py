@@ -4,8 +4,8 @@ Each measurement used to be one NumPy reduction over the cells' pixels
 (bincount, scatter-max, gathers): some twenty passes over a tile. These
 kernels make one pass for all the sums and maxima and one for the membrane
 sectors; a third turns a nearest-nucleus distance transform into cell
-labels. Compiled code is cached beside the module or, where that is not
-writable, in ``NUMBA_CACHE_DIR``.
+labels. Compiled code is cached on disk (beside the module, or in
+``NUMBA_CACHE_DIR`` where that is set): compiled once, not in every process.
 """
 
 from __future__ import annotations
