@@ -3,9 +3,10 @@
 Each measurement used to be one NumPy reduction over the cells' pixels
 (bincount, scatter-max, gathers): some twenty passes over a tile. These
 kernels make one pass for all the sums and maxima and one for the membrane
-sectors; a third turns a nearest-nucleus distance transform into cell
-labels. Compiled code is cached on disk (beside the module, or in
-``NUMBA_CACHE_DIR`` where that is set): compiled once, not in every process.
+sectors; two more turn OpenCV's components and distance transforms into
+nucleus labels (split, trimmed, filtered by area) and cell labels. Compiled
+code is cached on disk (beside the module, or in ``NUMBA_CACHE_DIR`` where
+that is set): compiled once, not in every process.
 """
 
 from __future__ import annotations
@@ -105,3 +106,77 @@ def nearest_labels(nuclei: np.ndarray, nearest: np.ndarray, dist: np.ndarray, ma
             if dist[y, x] <= max_dist:
                 cells[y, x] = owner[nearest[y, x]]
     return cells
+
+
+@numba.njit(cache=True, nogil=True)
+def split_trim_filter(
+    pieces: np.ndarray,
+    n_pieces: int,
+    nearest: np.ndarray,
+    peaks: np.ndarray,
+    fine: np.ndarray,
+    threshold: float,
+    min_area: float,
+    max_area: float,
+    pixel_area: float,
+) -> np.ndarray:
+    """Nucleus labels 1..k from connected foreground ``pieces`` (0 = background).
+
+    Split: where ``peaks`` is not empty, a pixel whose nearest peak plateau
+    (``nearest``, OpenCV's component labels of the peaks) lies in its own piece
+    takes that plateau as its label. Trim: where ``fine`` is not empty, a pixel
+    stays only if ``fine`` reaches both ``threshold`` and half its label's
+    highest ``fine``. Filter: labels whose area (pixels × ``pixel_area``) is
+    outside [``min_area``, ``max_area``] are dropped; the rest are numbered
+    1..k in order of label.
+    """
+    height, width = pieces.shape
+    out = np.zeros((height, width), np.int32)
+    split = peaks.size > 0
+    n = n_pieces - 1
+    marker_piece = np.zeros(1, np.int32)
+    if split:
+        plateaus = 0
+        for y in range(height):
+            for x in range(width):
+                if nearest[y, x] > plateaus:
+                    plateaus = nearest[y, x]
+        marker_piece = np.zeros(plateaus + 1, np.int32)
+        for y in range(height):
+            for x in range(width):
+                if peaks[y, x]:
+                    marker_piece[nearest[y, x]] = pieces[y, x]
+        n = n_pieces + plateaus
+    for y in range(height):
+        for x in range(width):
+            p = pieces[y, x]
+            if p != 0:
+                out[y, x] = nearest[y, x] + n_pieces if split and marker_piece[nearest[y, x]] == p else p
+    if fine.size > 0:
+        peak = np.full(n + 1, -np.inf, np.float32)
+        for y in range(height):
+            for x in range(width):
+                k = out[y, x]
+                if k != 0 and fine[y, x] > peak[k]:
+                    peak[k] = fine[y, x]
+        cut = np.maximum(np.float32(threshold), np.float32(0.5) * peak)
+        for y in range(height):
+            for x in range(width):
+                k = out[y, x]
+                if k != 0 and not fine[y, x] >= cut[k]:
+                    out[y, x] = 0
+    count = np.zeros(n + 1, np.int64)
+    for y in range(height):
+        for x in range(width):
+            count[out[y, x]] += 1
+    lut = np.zeros(n + 1, np.int32)
+    kept = 0
+    for k in range(1, n + 1):
+        area = count[k] * pixel_area
+        if area >= min_area and area <= max_area:
+            kept += 1
+            lut[k] = kept
+    for y in range(height):
+        for x in range(width):
+            out[y, x] = lut[out[y, x]]
+    return out

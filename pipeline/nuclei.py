@@ -121,40 +121,30 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
         return np.zeros(det.shape, np.int32)
     fg8 = fg.view(np.uint8)
     n_pieces, pieces = cv2.connectedComponents(fg8, connectivity=4, ltype=cv2.CV_32S)
-    # From here on, label work runs over the foreground pixels only (flat).
-    idx = np.flatnonzero(fg)
-    labels = pieces.ravel()[idx]
+    nearest, peaks = np.zeros((0, 0), np.int32), np.zeros((0, 0), bool)
     if settings.split_by_shape:
         dist = _gaussian(cv2.distanceTransform(fg8, cv2.DIST_L2, 5), 1.0)
         # Peaks at least a typical nucleus radius apart.
         size = 2 * max(1, round(SPLIT_RADIUS_UM / mpp)) + 1
-        peaks = (dist == cv2.dilate(dist, _square(size))) & fg & (dist > 1.0)
-        if peaks.any():
-            # Each foreground pixel goes to its nearest peak plateau (numbered by OpenCV) ...
-            _, nearest_img = cv2.distanceTransformWithLabels(
-                (~peaks).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
+        found = (dist == cv2.dilate(dist, _square(size))) & fg & (dist > 1.0)
+        if found.any():
+            # Each foreground pixel goes to its nearest peak plateau (numbered by
+            # OpenCV), but only within the connected piece that holds the peak.
+            _, nearest = cv2.distanceTransformWithLabels(
+                (~found).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
             )
-            nearest = nearest_img.ravel()[idx]
-            # ... but only within the connected piece that holds the peak.
-            marker_piece = np.zeros(int(nearest.max()) + 1, np.int32)
-            marker_piece[nearest_img[peaks]] = pieces[peaks]
-            labels = np.where(marker_piece[nearest] == labels, nearest + n_pieces, labels)
-    n = int(labels.max())  # labels need not be consecutive until the end
-    if fine is not None:
-        # Half-maximum edge: a blurred step's true edge is where it falls to half its height.
-        values = fine.ravel()[idx]
-        peak = np.zeros(n + 1, np.float32)
-        peak[1:] = label_max(values, labels, n)
-        cut = np.maximum(settings.threshold, 0.5 * peak)
-        labels = np.where(values >= cut[labels], labels, 0)
-    areas = np.bincount(labels, minlength=n + 1) * (mpp * mpp)
-    keep = (areas >= settings.min_area_um2) & (areas <= settings.max_area_um2)
-    keep[0] = False
-    # Kept labels become 1..k in one lookup; the others 0.
-    lut = (np.cumsum(keep) * keep).astype(np.int32)
-    out = np.zeros(det.size, np.int32)
-    out[idx] = lut[labels]
-    return out.reshape(det.shape)
+            peaks = found
+    return kernels.split_trim_filter(
+        pieces,
+        n_pieces,
+        nearest,
+        peaks,
+        np.zeros((0, 0), np.float32) if fine is None else np.ascontiguousarray(fine, dtype=np.float32),
+        settings.threshold,
+        settings.min_area_um2,
+        settings.max_area_um2,
+        mpp * mpp,
+    )
 
 
 def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, np.ndarray]:

@@ -83,3 +83,33 @@ def test_nearest_labels_follow_the_raster_numbering_of_nucleus_pixels() -> None:
     assert (cells[unique] == want[unique]).all()
     assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all()
     assert cells[2, 10] == 0 and cells[1, 6] == 2 and cells[10, 4] == 3
+
+
+def test_split_trim_filter_by_hand() -> None:
+    pieces = np.zeros((4, 8), np.int32)
+    pieces[0:2, 0:4] = 1  # 8 px: fine falls from 1.0 to 0.4 across it
+    pieces[3, 5:8] = 2  # 3 px
+    pieces[0, 6] = 3  # 1 px
+    fine = np.zeros(pieces.shape, np.float32)
+    fine[0:2, 0:4] = [1.0, 0.8, 0.5, 0.4]
+    fine[3, 5:8] = [0.9, 0.2, 0.9]
+    fine[0, 6] = 0.7
+    no_split, no_peaks = np.zeros((0, 0), np.int32), np.zeros((0, 0), bool)
+    empty = np.zeros((0, 0), np.float32)
+    # Areas in px × 1.0: 2..8 kept, in label order.
+    out = kernels.split_trim_filter(pieces, 4, no_split, no_peaks, empty, 0.3, 2.0, 8.0, 1.0)
+    assert out.max() == 2 and (out[pieces == 1] == 1).all() and (out[pieces == 2] == 2).all()
+    assert (out[pieces == 3] == 0).all()
+    # Trim at max(threshold 0.3, half the peak): piece 1 keeps ≥ 0.5 (6 px), piece 2 loses its 0.2.
+    out = kernels.split_trim_filter(pieces, 4, no_split, no_peaks, fine, 0.3, 2.0, 8.0, 1.0)
+    assert (out[0:2, 0:3] == 1).all() and (out[0:2, 3] == 0).all()
+    assert out[3, 5] == 2 and out[3, 6] == 0 and out[3, 7] == 2
+    # Split: two peak plateaus in piece 1; each pixel joins the nearest one of its own piece.
+    peaks = np.zeros(pieces.shape, bool)
+    peaks[0, 0] = peaks[1, 3] = True
+    plateau = np.zeros(pieces.shape, np.int32)
+    plateau[:, :2], plateau[:, 2:] = 1, 2  # as OpenCV's nearest-plateau labels would be here
+    out = kernels.split_trim_filter(pieces, 4, plateau, peaks, empty, 0.3, 1.0, 8.0, 1.0)
+    # Split parts are numbered after the pieces that keep their own label.
+    assert (out[3, 5:8] == 1).all() and out[0, 6] == 2
+    assert (out[0:2, 0:2] == 3).all() and (out[0:2, 2:4] == 4).all()
