@@ -17,9 +17,9 @@ For one tile of haematoxylin / DAB optical density at the requested pixel size:
 
 The image operations are OpenCV's (Gaussian blur, morphology, connected
 components, distance transforms with nearest-source labels: several times
-faster than scipy.ndimage on one core); the per-cell measurements come from
-two compiled passes over the label images (:mod:`pipeline.kernels`): there is
-no Python loop per cell or per pixel.
+faster than scipy.ndimage on one core); splitting, labelling and the
+per-cell measurements are compiled loops, one pass over the tile each
+(:mod:`pipeline.kernels`): there is no Python loop per cell or per pixel.
 """
 
 from __future__ import annotations
@@ -130,10 +130,12 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
         if found.any():
             # Each foreground pixel goes to its nearest peak plateau (numbered by
             # OpenCV), but only within the connected piece that holds the peak.
-            _, nearest = cv2.distanceTransformWithLabels(
-                (~found).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
-            )
             peaks = found
+            _, nearest = cv2.distanceTransformWithLabels(
+                (~peaks).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
+            )
+    # Trimming keeps a nucleus' pixels at or above half its peak in ``fine``:
+    # a blurred step's true edge is where it falls to half its height.
     return kernels.split_trim_filter(
         pieces,
         n_pieces,
