@@ -12,7 +12,7 @@ from scipy.spatial import cKDTree
 from adapter.synth import SynthOutput
 from config.settings import load_settings
 from dicom_io import open_slide
-from pipeline.analysis import SlideResult, analyse
+from pipeline.analysis import SlideResult, analyse, tile_blocks
 from pipeline.segmentation import TUMOUR
 
 
@@ -97,3 +97,22 @@ def test_process_pool_and_inline_agree(
     pooled = results["low_tumour"]
     assert inline.compartment_stats == pooled.compartment_stats
     assert np.array_equal(inline.cells["x_um"], pooled.cells["x_um"])
+
+
+def test_tile_blocks_cover_every_tile_once_in_square_blocks() -> None:
+    cores = [(x * 512, y * 512, 512, 512) for y in range(20) for x in range(30) if (x + 2 * y) % 7]
+    blocks = tile_blocks(cores, 512)
+    flat = [c for b in blocks for c in b]
+    assert len(flat) == len(cores) and set(flat) == set(cores)
+    for b in blocks:
+        cols, rows = {c[0] // 512 for c in b}, {c[1] // 512 for c in b}
+        assert max(cols) - min(cols) < 4 and max(rows) - min(rows) < 4
+        assert b == sorted(b, key=lambda c: (c[1], c[0]))
+    # ~510 tiles: 4×4 blocks, 40 of them.
+    assert max(len(b) for b in blocks) <= 16 and len(blocks) >= 32
+    big = [(x * 512, y * 512, 512, 512) for y in range(64) for x in range(64)]
+    assert max(len(b) for b in tile_blocks(big, 512)) == 64  # 8×8: neighbours share decoded tiles
+    # A small slide still gives the workers several blocks.
+    small = [(x * 512, y * 512, 512, 512) for y in range(4) for x in range(4)]
+    assert len(tile_blocks(small, 512)) == 16
+    assert tile_blocks([], 512) == []
