@@ -267,10 +267,19 @@ def measure_cells(
     n = int(nuclei.max())
     if n == 0:
         return {c: np.zeros(0) for c in CELL_COLUMNS}
+    if not nuclei.shape == cells.shape == h_od.shape == dab_od.shape:
+        raise ValueError(
+            f"label and OD images differ in shape: {nuclei.shape}, {cells.shape}, {h_od.shape}, {dab_od.shape}"
+        )
+    if cells.max() > n or cells.min() < 0 or nuclei.min() < 0:
+        raise ValueError(f"cell labels must lie in 0..{n}, the nucleus labels")
     nuclei, cells = np.ascontiguousarray(nuclei), np.ascontiguousarray(cells)
     dab_od = np.ascontiguousarray(dab_od)
     st = kernels.cell_stats(nuclei, cells, np.ascontiguousarray(h_od), dab_od, n)
     counts, cell_counts = st[kernels.NUCLEUS_PIXELS], st[kernels.CELL_PIXELS]
+    if not counts.all():
+        missing = int(np.flatnonzero(counts == 0)[0]) + 1
+        raise ValueError(f"nucleus {missing} has no pixel inside its cell: labels must be 1..n, each in its own cell")
     nucleus_dab, cell_dab = st[kernels.NUCLEUS_DAB_SUM], st[kernels.CELL_DAB_SUM]
     cx, cy = st[kernels.NUCLEUS_X_SUM] / counts, st[kernels.NUCLEUS_Y_SUM] / counts
     if intensity.membrane_method == "sectors":

@@ -6,7 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+from config.settings import IntensitySettings
 from pipeline import kernels
+from pipeline.nuclei import measure_cells
 
 
 def _labels(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
@@ -113,3 +115,18 @@ def test_split_trim_filter_by_hand() -> None:
     # Split parts are numbered after the pieces that keep their own label.
     assert (out[3, 5:8] == 1).all() and out[0, 6] == 2
     assert (out[0:2, 0:2] == 3).all() and (out[0:2, 2:4] == 4).all()
+
+
+def test_measure_cells_refuses_labels_the_kernels_cannot_index() -> None:
+    nuclei = np.zeros((6, 6), np.int32)
+    nuclei[1:3, 1:3] = 1
+    cells = np.where(nuclei > 0, 1, 0).astype(np.int32)
+    dab = np.zeros((6, 6), np.float32)
+    intensity = IntensitySettings()
+    with pytest.raises(ValueError, match="differ in shape"):
+        measure_cells(nuclei, cells, dab, dab[:5], dab, 0.5, intensity)
+    with pytest.raises(ValueError, match=r"cell labels must lie in 0\.\.1"):
+        measure_cells(nuclei, np.where(cells > 0, 2, 0).astype(np.int32), dab, dab, dab, 0.5, intensity)
+    gap = np.where(nuclei > 0, 2, 0).astype(np.int32)  # label 1 has no pixel
+    with pytest.raises(ValueError, match="nucleus 1 has no pixel"):
+        measure_cells(gap, gap, dab, dab, dab, 0.5, intensity)
