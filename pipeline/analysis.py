@@ -128,10 +128,10 @@ def tile_blocks(cores: list[tuple[int, int, int, int]], tile_size: int) -> list[
     """Group tiles into square blocks of up to 8×8, one block a task.
 
     A tile's margin reaches into its neighbours, so each source tile is read
-    by up to nine analysis tiles. Row by row, with the rows shared among
-    workers, it falls out of a worker's decoded-tile cache before it is
-    needed again and is decoded about three times; within a block it stays
-    cached. Blocks are smaller on small slides (at least 32 blocks where
+    by up to nine analysis tiles. Row by row, in chunks shared among
+    workers, it falls out of a worker's decoded-tile cache before the next
+    row needs it and is decoded several times (about 4.5 decodes per
+    analysis tile); within an 8×8 block about 1.6. Blocks are smaller on small slides (at least 32 blocks where
     there are 32 tiles) so that every worker has several. The layout does
     not depend on the number of workers, so neither does the order of the
     cells. Blocks and the tiles in each keep raster order.
