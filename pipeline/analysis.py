@@ -131,10 +131,11 @@ def tile_blocks(cores: list[tuple[int, int, int, int]], tile_size: int) -> list[
     by up to nine analysis tiles. Row by row, in chunks shared among
     workers, it falls out of a worker's decoded-tile cache before the next
     row needs it: 4.4 decodes per analysis tile with two workers (simulated
-    with the TIFF reader's 64 MB cache), 1.5 in 8×8 blocks. Blocks are smaller on small slides (at least 32 blocks where
-    there are 32 tiles) so that every worker has several. The layout does
-    not depend on the number of workers, so neither does the order of the
-    cells. Blocks and the tiles in each keep raster order.
+    with the TIFF reader's 64 MB cache), 1.5 in 8×8 blocks. Blocks are
+    smaller on small slides (at least 32 blocks where there are 32 tiles)
+    so that every worker has several. The layout does not depend on the
+    number of workers, so neither does the order of the cells. Blocks and
+    the tiles in each keep raster order.
     """
     if not cores:
         return []
