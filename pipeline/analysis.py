@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from config.settings import Settings
-from pipeline import scoring
+from config.settings import IntensitySettings, Settings
+from pipeline import kernels, scoring
 from pipeline.nuclei import CELL_COLUMNS, NucleusModel, detect_cells, intensity_class, intensity_value
 from pipeline.segmentation import (
     CLASS_NAMES,
@@ -169,17 +169,10 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
     cells["y_um"] = (y + cy[own] + 0.5) * mpp
     # Pixel classes in the score compartment, binned on the tissue-mask grid (pixel H-score).
     core_sl = (slice(margin, margin + h), slice(margin, margin + w))
-    nuclei, cells_px = tc.nuclei[core_sl] > 0, tc.cells[core_sl] > 0
-    in_cell = {"nucleus": nuclei, "cell": cells_px}.get(s.intensity.compartment, cells_px & ~nuclei)
-    dab = dab_od[core_sl][in_cell]
-    yy, xx = np.nonzero(in_cell)
     scale = mpp / ctx.tissue_mpp
-    th, tw = ctx.tissue_shape
-    gi = np.clip(((y + yy + 0.5) * scale).astype(np.int64), 0, th - 1) * tw + np.clip(
-        ((x + xx + 0.5) * scale).astype(np.int64), 0, tw - 1
+    keys, counts = pixel_class_counts(
+        tc.nuclei[core_sl], tc.cells[core_sl], dab_od[core_sl], s.intensity, x, y, scale, ctx.tissue_shape
     )
-    pclass = intensity_class(dab, s.intensity).astype(np.int64)
-    keys, counts = _sparse_counts(gi * 4 + pclass)
     t4 = time.perf_counter()
     return {
         "cells": cells,
@@ -190,14 +183,35 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
     }
 
 
-def _sparse_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct keys and their counts (keys of one tile span a small range)."""
-    if keys.size == 0:
-        return keys, keys
-    low = int(keys.min())
-    counts = np.bincount(keys - low)
-    found = np.flatnonzero(counts)
-    return found + low, counts[found]
+def pixel_class_counts(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    dab_od: np.ndarray,
+    intensity: IntensitySettings,
+    x0: int,
+    y0: int,
+    scale: float,
+    grid_shape: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of a tile core in the score compartment by tissue-grid cell and class.
+
+    Returns flat keys ``grid index * 4 + class`` (classes as
+    :func:`pipeline.nuclei.intensity_class`) and their counts, nonzero only.
+    """
+    compartment = {"nucleus": 0, "cell": 1}.get(intensity.compartment, 2)
+    if intensity.single_threshold is not None:
+        thresholds = np.array([intensity.single_threshold], np.float64)
+    else:
+        thresholds = np.asarray(intensity.thresholds, np.float64)
+    hist, row0, col0, cols = kernels.class_counts_on_grid(
+        nuclei, cells, dab_od, compartment, thresholds, x0, y0, scale, *grid_shape
+    )
+    classes = len(thresholds) + 1
+    found = np.flatnonzero(hist)
+    cell, cls = np.divmod(found, classes)
+    row, col = np.divmod(cell, cols)
+    keys = ((row + row0) * grid_shape[1] + col + col0) * 4 + cls
+    return keys.astype(np.int64), hist[found]
 
 
 # -- the slide-level run --------------------------------------------------------------

@@ -180,3 +180,56 @@ def split_trim_filter(
         for x in range(width):
             out[y, x] = lut[out[y, x]]
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def class_counts_on_grid(
+    nuclei: np.ndarray,
+    cells: np.ndarray,
+    dab_od: np.ndarray,
+    compartment: int,
+    thresholds: np.ndarray,
+    x0: int,
+    y0: int,
+    scale: float,
+    grid_h: int,
+    grid_w: int,
+) -> tuple[np.ndarray, int, int, int]:
+    """Pixels of one compartment counted per cell of a coarser grid and intensity class.
+
+    ``compartment``: 0 nucleus pixels, 1 cell pixels, 2 cell pixels outside the
+    nucleus. A pixel's class is the number of ``thresholds`` (ascending) at
+    or below its DAB. The tile's pixel (x, y) sits at (x0 + x, y0 + y) in the
+    slide's grid, whose grid cell is that + 0.5 times ``scale``, clipped to
+    ``grid_h`` × ``grid_w``. Returns a histogram over the grid cells the tile
+    touches (row-major, ``len(thresholds) + 1`` classes each), their first
+    row and column and the number of columns.
+    """
+    height, width = cells.shape
+    classes = thresholds.shape[0] + 1
+    row0 = min(max(int((y0 + 0.5) * scale), 0), grid_h - 1)
+    col0 = min(max(int((x0 + 0.5) * scale), 0), grid_w - 1)
+    rows = min(max(int((y0 + height - 0.5) * scale), 0), grid_h - 1) - row0 + 1
+    cols = min(max(int((x0 + width - 0.5) * scale), 0), grid_w - 1) - col0 + 1
+    hist = np.zeros(rows * cols * classes, np.int64)
+    for y in range(height):
+        row = min(max(int((y0 + y + 0.5) * scale), 0), grid_h - 1) - row0
+        for x in range(width):
+            c = cells[y, x]
+            k = nuclei[y, x]
+            if compartment == 0:
+                inside = k > 0
+            elif compartment == 1:
+                inside = c > 0
+            else:
+                inside = c > 0 and k == 0
+            if not inside:
+                continue
+            col = min(max(int((x0 + x + 0.5) * scale), 0), grid_w - 1) - col0
+            v = dab_od[y, x]
+            cls = 0
+            for t in thresholds:
+                if v >= t:
+                    cls += 1
+            hist[(row * cols + col) * classes + cls] += 1
+    return hist, row0, col0, cols

@@ -10,9 +10,10 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from adapter.synth import SynthOutput
-from config.settings import load_settings
+from config.settings import IntensitySettings, load_settings
 from dicom_io import open_slide
-from pipeline.analysis import SlideResult, analyse, tile_blocks
+from pipeline.analysis import SlideResult, analyse, pixel_class_counts, tile_blocks
+from pipeline.nuclei import intensity_class
 from pipeline.segmentation import TUMOUR
 
 
@@ -116,3 +117,31 @@ def test_tile_blocks_cover_every_tile_once_in_square_blocks() -> None:
     small = [(x * 512, y * 512, 512, 512) for y in range(4) for x in range(4)]
     assert len(tile_blocks(small, 512)) == 16
     assert tile_blocks([], 512) == []
+
+
+@pytest.mark.parametrize(
+    ("compartment", "single", "origin"),
+    [
+        ("nucleus", None, (0, 0)),
+        ("cell", None, (512, 1024)),
+        ("membrane", 0.3, (1000, 37)),
+        ("cytoplasm", None, (9, 9)),
+    ],
+)
+def test_pixel_class_counts_match_numpy(compartment: str, single: float | None, origin: tuple[int, int]) -> None:
+    rng = np.random.default_rng(5)
+    cells = rng.integers(0, 4, (64, 80)).astype(np.int32)
+    nuclei = np.where(rng.random(cells.shape) < 0.5, cells, 0).astype(np.int32)
+    dab = rng.random(cells.shape).astype(np.float32)
+    intensity = IntensitySettings(compartment=compartment, single_threshold=single)
+    x0, y0 = origin
+    scale, grid = 0.5 / 8.0, (70, 75)  # 0.5 µm pixels on an 8 µm grid, clipped at its edge
+    keys, counts = pixel_class_counts(nuclei, cells, dab, intensity, x0, y0, scale, grid)
+    # Reference: the same binning in plain NumPy.
+    in_cell = {"nucleus": nuclei > 0, "cell": cells > 0}.get(compartment, (cells > 0) & (nuclei == 0))
+    yy, xx = np.nonzero(in_cell)
+    gi = np.clip(((y0 + yy + 0.5) * scale).astype(np.int64), 0, grid[0] - 1) * grid[1] + np.clip(
+        ((x0 + xx + 0.5) * scale).astype(np.int64), 0, grid[1] - 1
+    )
+    want = np.bincount(gi * 4 + intensity_class(dab[in_cell], intensity).astype(np.int64))
+    assert np.array_equal(keys, np.flatnonzero(want)) and np.array_equal(counts, want[want > 0])
