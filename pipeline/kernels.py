@@ -11,10 +11,31 @@ that is set): compiled once, not in every process.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numba
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _disk_cache_available() -> bool:
+    """Whether numba finds a writable place for its on-disk cache (it refuses to
+    decorate a cached function otherwise)."""
+    try:
+        numba.njit(cache=True)(_probe)
+    except RuntimeError as exc:
+        log.warning("compiled kernels cannot be cached on disk (%s); set NUMBA_CACHE_DIR to a writable folder", exc)
+        return False
+    return True
+
+
+def _probe() -> int:
+    return 0
+
+
+_CACHE = _disk_cache_available()
 
 #: Rows of :func:`cell_stats`' result.
 CELL_PIXELS, CELL_DAB_SUM, NUCLEUS_PIXELS, NUCLEUS_DAB_SUM, NUCLEUS_H_SUM, NUCLEUS_X_SUM, NUCLEUS_Y_SUM = range(7)
@@ -22,7 +43,7 @@ CELL_DAB_MAX, NUCLEUS_DAB_MAX, CYTOPLASM_DAB_MAX = range(7, 10)
 _STATS = 10
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def cell_stats(nuclei: np.ndarray, cells: np.ndarray, h_od: np.ndarray, dab_od: np.ndarray, n: int) -> np.ndarray:
     """Per-cell pixel counts, sums and maxima in one pass over a tile.
 
@@ -60,7 +81,7 @@ def cell_stats(nuclei: np.ndarray, cells: np.ndarray, h_od: np.ndarray, dab_od: 
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def sector_peaks(
     nuclei: np.ndarray, cells: np.ndarray, dab_od: np.ndarray, cx: np.ndarray, cy: np.ndarray, sectors: int
 ) -> np.ndarray:
@@ -84,7 +105,7 @@ def sector_peaks(
     return peak
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def nearest_labels(nuclei: np.ndarray, nearest: np.ndarray, dist: np.ndarray, max_dist: float) -> np.ndarray:
     """Each pixel's nearest nucleus label within ``max_dist`` (0 beyond).
 
@@ -108,7 +129,7 @@ def nearest_labels(nuclei: np.ndarray, nearest: np.ndarray, dist: np.ndarray, ma
     return cells
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def split_trim_filter(
     pieces: np.ndarray,
     n_pieces: int,
@@ -182,7 +203,7 @@ def split_trim_filter(
     return out
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True)
 def class_counts_on_grid(
     nuclei: np.ndarray,
     cells: np.ndarray,

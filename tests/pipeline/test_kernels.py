@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
+import numba
 import numpy as np
 import pytest
 
@@ -130,3 +136,29 @@ def test_measure_cells_refuses_labels_the_kernels_cannot_index() -> None:
     gap = np.where(nuclei > 0, 2, 0).astype(np.int32)  # label 1 has no pixel
     with pytest.raises(ValueError, match="nucleus 1 has no pixel"):
         measure_cells(gap, gap, dab, dab, dab, 0.5, intensity)
+
+
+@pytest.mark.skipif(not hasattr(numba.config, "CACHE_LOCATOR_CLASSES"), reason="numba without locator override")
+def test_kernels_work_without_a_writable_cache(tmp_path: Path) -> None:
+    # Only the user-wide cache may be used, and its folder cannot be made (a file is in the way).
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_LOCATOR_CLASSES": "UserWideCacheLocator",
+        "XDG_CACHE_HOME": str(blocker),
+        "HOME": str(blocker),
+    }
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = (
+        "import numpy as np; from pipeline import kernels; "
+        "one = np.ones((3, 3), np.int32); od = np.full((3, 3), 0.5, np.float32); "
+        "print(kernels._CACHE, kernels.cell_stats(one, one, od, od, 1)[kernels.CELL_DAB_SUM, 0])"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "4.5"]
+    assert "NUMBA_CACHE_DIR" in done.stderr
