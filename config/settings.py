@@ -97,7 +97,8 @@ class NucleiSettings(_Frozen):
     include_nuclei: bool = Field(True, description="QuPath 'Include cell nucleus'")
     model: Path | None = Field(
         None,
-        description="TorchScript nucleus model instead of the detection image: input (N, 3, H, W) tile at the "
+        description="nucleus model (TorchScript, or torch.export .pt2) instead of the detection image: "
+        "input (N, 3, H, W) tile at the "
         "requested pixel size (model_channels), output (N, 1, H, W) nucleus logits or (N, 2, H, W) "
         "background/nucleus logits; its probability is thresholded, split by shape and area-filtered",
     )
@@ -172,7 +173,9 @@ class SegmentationSettings(_Frozen):
     map_max_mpx: float = Field(
         40.0, gt=0, description="builtin: the map is made coarser (up to tissue.mpp) to stay within this many MP"
     )
-    model: Path | None = Field(None, description="TorchScript model file (required for method='model')")
+    model: Path | None = Field(
+        None, description="model file, TorchScript or torch.export .pt2 (required for method='model')"
+    )
     model_mpp: float = Field(2.0, gt=0, description="model input resolution (µm/px)")
     model_tile_size: int = Field(256, ge=16, le=4096)
     model_channels: Literal["rgb", "hdab"] = Field("rgb", description="rgb in [0,1] or H/DAB/residual OD")
@@ -185,7 +188,7 @@ class SegmentationSettings(_Frozen):
     @model_validator(mode="after")
     def _model_needs_file(self) -> SegmentationSettings:
         if self.method == "model" and self.model is None:
-            raise ValueError("method 'model' needs segmentation.model = path to a TorchScript file")
+            raise ValueError("method 'model' needs segmentation.model = path to a model file")
         if self.refine_margin_um > self.refine_reach_um:
             raise ValueError(
                 f"refine_margin_um {self.refine_margin_um} must not exceed refine_reach_um {self.refine_reach_um}"

@@ -35,7 +35,7 @@ from config.errors import ConfigError
 from config.settings import IntensitySettings, NucleiSettings
 from pipeline import kernels
 from pipeline.stains import Background, StainMatrix
-from pipeline.torchscript import load_model, model_input
+from pipeline.torchscript import load_model, model_input, run_model
 
 #: Split by shape: distance-transform peaks closer than this are one nucleus.
 SPLIT_RADIUS_UM = 3.0
@@ -324,7 +324,7 @@ def measure_cells(
 
 
 class NucleusModel:
-    """A TorchScript nucleus model (``nuclei.model``) in place of the detection image."""
+    """A nucleus model file (``nuclei.model``, TorchScript or ``.pt2``) in place of the detection image."""
 
     def __init__(self, settings: NucleiSettings, stains: StainMatrix):
         self.model, self.device = load_model(settings.model, settings.device, "nuclei")
@@ -336,8 +336,7 @@ class NucleusModel:
         s = self.settings
         arr = model_input(rgb, s.model_channels, self.stains, background)
         inp = torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous().to(self.device)
-        with torch.inference_mode():
-            out = self.model(inp)
+        out = run_model(self.model, inp, "nuclei", s.model)
         if not isinstance(out, torch.Tensor) or out.ndim != 4 or out.shape[0] != 1 or out.shape[1] not in (1, 2):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ConfigError("nuclei.model", str(s.model), f"output {shape} is not (N, 1 or 2, H, W) logits")

@@ -18,7 +18,8 @@ Two methods behind one result type (:class:`CompartmentMap`):
     necrosis, in-situ disease or normal epithelium, which it will call tumour
     when crowded: for those, train a model.
 ``model``
-    A TorchScript file (``segmentation.model``) run on tiles read at
+    A model file (``segmentation.model``, TorchScript or torch.export ``.pt2``; see
+    :mod:`pipeline.torchscript`) run on tiles read at
     ``model_mpp`` with ``model_tile_size``; input ``(N, 3, H, W)`` float32,
     RGB in [0, 1] or H/DAB/residual OD (``model_channels``); output
     ``(N, C, H', W')`` logits whose channels mean ``model_classes``. Batches
@@ -40,7 +41,7 @@ from config.settings import SegmentationSettings, StainSettings
 from pipeline.slide import Slide
 from pipeline.stains import Background, StainMatrix
 from pipeline.tissue import TissueMask
-from pipeline.torchscript import load_model, model_input
+from pipeline.torchscript import load_model, model_input, run_model
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ def _fit(a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 class TorchScriptSegmenter:
-    """Runs a TorchScript tumour–stroma model over a slide in batches."""
+    """Runs a tumour–stroma model file (TorchScript or ``.pt2``) over a slide in batches."""
 
     def __init__(self, settings: SegmentationSettings, stains: StainSettings):
         unknown = [c for c in settings.model_classes if c not in _NAME_TO_LABEL]
@@ -194,8 +195,7 @@ class TorchScriptSegmenter:
                 pixels, _ = slide.read_at_mpp(s.model_mpp, x, y, s.model_tile_size, s.model_tile_size)
                 arrays.append(model_input(pixels, s.model_channels, self.stains, background))
             inp = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous().to(self.device)
-            with torch.inference_mode():
-                out = self.model(inp)
+            out = run_model(self.model, inp, "segmentation", s.model)
             if out.ndim != 4 or out.shape[1] != len(s.model_classes):
                 raise ConfigError(
                     "segmentation.model",

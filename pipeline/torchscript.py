@@ -1,8 +1,12 @@
-"""Loading user-supplied TorchScript models (tumour–stroma or nuclei) from files.
+"""Loading user-supplied models (tumour–stroma or nuclei) from files.
 
-Nothing is downloaded: the file named in the settings is loaded, on CUDA when
-the settings allow it and a GPU is present, else on the CPU. Every refusal
-is a :class:`~config.errors.ConfigError` naming the setting and the file.
+A model file is TorchScript (``torch.jit.save``, any suffix but ``.pt2``) or
+a ``torch.export`` program (``torch.export.save``, suffix ``.pt2``; export it
+with dynamic batch, height and width, since tiles at a slide's edge are
+smaller and the last batch may be short). Nothing is downloaded: the file
+named in the settings is loaded, on CUDA when the settings allow it and a
+GPU is present, else on the CPU. Every refusal is a
+:class:`~config.errors.ConfigError` naming the setting and the file.
 """
 
 from __future__ import annotations
@@ -21,17 +25,38 @@ def load_model(path: Path | None, device: Literal["auto", "cpu", "cuda"], sectio
     import torch
 
     if path is None:
-        raise ConfigError(f"{section}.model", None, "a TorchScript file is required")
+        raise ConfigError(f"{section}.model", None, "a model file (TorchScript or .pt2) is required")
     if not Path(path).is_file():
         raise ConfigError(f"{section}.model", str(path), "file not found")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{section}.device", "cuda", "CUDA is not available on this machine")
     target = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     try:
-        model = torch.jit.load(str(path), map_location=target).eval()
+        if Path(path).suffix == ".pt2":
+            # An exported program is already in inference form (it has no eval()).
+            model = torch.export.load(str(path)).module().to(target)
+        else:
+            model = torch.jit.load(str(path), map_location=target).eval()
     except Exception as exc:  # torch raises RuntimeError with a long C++ trace
-        raise ConfigError(f"{section}.model", str(path), f"not a loadable TorchScript model: {exc}") from exc
+        kind = "torch.export program (.pt2)" if Path(path).suffix == ".pt2" else "TorchScript model"
+        raise ConfigError(f"{section}.model", str(path), f"not a loadable {kind}: {exc}") from exc
     return model, target
+
+
+def run_model(model: Any, inp: Any, section: str, path: Path | None) -> Any:
+    """``model(inp)`` without gradients; a model that fails on the input (an
+    exported program with fixed sizes, a wrong channel count) is refused with
+    the setting, the file and the input's shape."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            return model(inp)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{section}.model", str(path), f"failed on an input of shape {tuple(inp.shape)}: {first}"
+        ) from exc
 
 
 def model_input(

@@ -262,3 +262,41 @@ def test_membrane_sectors_completeness_counts_stained_directions() -> None:
     t = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings(membrane_sectors=16))
     assert t["membrane_positive_fraction"] == pytest.approx([12 / 16])
     assert t["membrane_dab_mean"] == pytest.approx([(12 * 0.5 + 4 * 0.05) / 16])
+
+
+def _exported(module: torch.nn.Module, path: Path, dynamic: bool = True) -> Path:
+    """Save ``module`` as a torch.export program (``.pt2``), with free batch, height and width or fixed 64²."""
+    n, h, w = torch.export.Dim("n"), torch.export.Dim("h"), torch.export.Dim("w")
+    shapes = {"x": {0: n, 2: h, 3: w}} if dynamic else None
+    program = torch.export.export(module, (torch.rand(2, 3, 64, 64),), dynamic_shapes=shapes)
+    torch.export.save(program, str(path))
+    return path
+
+
+def test_exported_nucleus_model_gives_what_its_torchscript_gives(tmp_path: Path) -> None:
+    spec = SynthSpec(width=1024, height=1024, seed=6)
+    tile = render_tile(SlideModel(spec), 0, 0, 300, 250)  # not square, not a power of two
+    bg = (spec.background,) * 3
+    base = NucleiSettings(model_channels="hdab")
+    scripted = NucleusModel(
+        base.model_copy(update={"model": _scripted(_HaematoxylinModel(), tmp_path / "m.pt")}), StainMatrix()
+    )
+    exported = NucleusModel(
+        base.model_copy(update={"model": _exported(_HaematoxylinModel(), tmp_path / "m.pt2")}), StainMatrix()
+    )
+    want = scripted.probability(tile.pixels, bg)
+    got = exported.probability(tile.pixels, bg)
+    assert got.shape == (250, 300) and (want > 0.5).sum() > 1000
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_model_files_that_cannot_run_are_refused_by_name(tmp_path: Path) -> None:
+    fixed = NucleusModel(
+        NucleiSettings(model=_exported(_HaematoxylinModel(), tmp_path / "fixed.pt2", False)), StainMatrix()
+    )
+    with pytest.raises(ConfigError, match=r"nuclei\.model.*fixed\.pt2.*failed on an input of shape \(1, 3, 32, 48\)"):
+        fixed.probability(np.full((32, 48, 3), 200, np.uint8), 255.0)
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"PK\x03\x04 not an archive")
+    with pytest.raises(ConfigError, match=r"junk\.pt2.*not a loadable torch\.export program"):
+        NucleusModel(NucleiSettings(model=junk), StainMatrix())

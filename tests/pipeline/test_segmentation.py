@@ -46,15 +46,25 @@ def _save(module: torch.nn.Module, path: Path) -> Path:
     return path
 
 
-def test_torchscript_model_labels_the_slide(small_slide: SynthOutput, tmp_path: Path) -> None:
-    model = _save(_DarknessModel(), tmp_path / "dark.pt")
+def _export(module: torch.nn.Module, path: Path) -> Path:
+    """A torch.export program with a free batch size (the last batch is short)."""
+    example = (torch.rand(2, 3, 64, 64),)
+    program = torch.export.export(module, example, dynamic_shapes={"x": {0: torch.export.Dim("n")}})
+    torch.export.save(program, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_model_labels_the_slide(suffix: str, small_slide: SynthOutput, tmp_path: Path) -> None:
+    save = _save if suffix == ".pt" else _export
+    model = save(_DarknessModel(), tmp_path / f"dark{suffix}")
     settings = SegmentationSettings(method="model", model=model, model_mpp=4.0, model_tile_size=64, batch_size=3)
     assert small_slide.ome_tiff
     with open_slide(small_slide.ome_tiff) as slide:
         tissue = detect_tissue(slide, TissueSettings())
         result = TorchScriptSegmenter(settings, StainSettings()).segment(slide, tissue, 255.0)
         rgb, _ = slide.read_at_mpp(tissue.mpp, 0, 0, tissue.mask.shape[1], tissue.mask.shape[0])
-    assert result.method == "model:dark.pt"
+    assert result.method == f"model:dark{suffix}"
     assert result.labels.shape == tissue.mask.shape
     assert (result.labels[~tissue.mask] == FAT_BACKGROUND).all()
     dark = 1.0 - rgb.mean(-1) / 255.0
