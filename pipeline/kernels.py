@@ -1,12 +1,15 @@
-"""Compiled per-pixel loops for per-cell measurement (numba).
+"""Compiled per-pixel loops of the cell detector and the pixel H-score (numba).
 
-Each measurement used to be one NumPy reduction over the cells' pixels
-(bincount, scatter-max, gathers): some twenty passes over a tile. These
-kernels make one pass for all the sums and maxima and one for the membrane
-sectors; two more turn OpenCV's components and distance transforms into
-nucleus labels (split, trimmed, filtered by area) and cell labels. Compiled
-code is cached on disk (beside the module, or in ``NUMBA_CACHE_DIR`` where
-that is set): compiled once, not in every process.
+Each of these used to be several NumPy passes over a tile (bincount,
+scatter-max, gathers, lookups); each kernel is one pass: per-cell sums and
+maxima, membrane sector peaks, nucleus labels from OpenCV's components and
+distance transforms (split, trimmed, filtered by area), cell labels from the
+nearest-nucleus transform, and pixel classes per tissue-grid cell.
+
+Compiled code is cached on disk (in ``NUMBA_CACHE_DIR`` where that is set,
+else beside this module or in the user's cache folder), so it is compiled
+once, not in every process. Where none of those is writable the kernels are
+compiled in each process (about 2 s) and a warning says so.
 """
 
 from __future__ import annotations
