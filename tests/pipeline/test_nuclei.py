@@ -27,6 +27,7 @@ from pipeline.nuclei import (
 from pipeline.stains import StainMatrix, deconvolve, rgb_to_od
 from pipeline.synth import SlideModel, SynthSpec, render_tile
 from pipeline.synth.render import RenderedTile
+from pipeline.synth.toy_models import HaematoxylinNuclei, save_exported, save_torchscript
 
 
 def _disc(shape: tuple[int, int], cy: float, cx: float, r: float) -> np.ndarray:
@@ -113,13 +114,6 @@ def test_detection_and_classes_on_a_synthetic_tile(seed: int) -> None:
     assert (cls[ok] == tile.cells["intensity_class"][j[ok]]).mean() >= 0.9
 
 
-class _HaematoxylinModel(torch.nn.Module):
-    """Nucleus logits from the haematoxylin OD channel of an ``hdab`` input: positive above 0.15."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x[:, :1] - 0.15) * 40.0
-
-
 class _TwoClassModel(torch.nn.Module):
     """The same decision as background/nucleus logits at half resolution (the pipeline resizes)."""
 
@@ -138,11 +132,6 @@ class _WrongShape(torch.nn.Module):
         return x
 
 
-def _scripted(module: torch.nn.Module, path: Path) -> Path:
-    torch.jit.script(module).save(str(path))
-    return path
-
-
 def _tile_f1(tile: RenderedTile, table: dict[str, np.ndarray]) -> float:
     truth = np.stack([tile.cells["x_um"] / 0.5 - 512, tile.cells["y_um"] / 0.5 - 512], 1)
     found = np.stack([table["x"], table["y"]], 1)
@@ -154,13 +143,15 @@ def _tile_f1(tile: RenderedTile, table: dict[str, np.ndarray]) -> float:
     return 2 * precision * recall / (precision + recall) if tp else 0.0
 
 
-@pytest.mark.parametrize("module", [_HaematoxylinModel(), _TwoClassModel()], ids=["sigmoid", "softmax"])
+@pytest.mark.parametrize("module", [HaematoxylinNuclei(), _TwoClassModel()], ids=["sigmoid", "softmax"])
 def test_nucleus_model_replaces_the_detection_image(module: torch.nn.Module, tmp_path: Path) -> None:
     spec = SynthSpec(width=2048, height=2048, seed=4)
     tile = render_tile(SlideModel(spec), 512, 512, 1024, 1024)
     bg = (spec.background,) * 3
     s = load_settings("ki67")
-    nuclei = s.nuclei.model_copy(update={"model": _scripted(module, tmp_path / "m.pt"), "model_channels": "hdab"})
+    nuclei = s.nuclei.model_copy(
+        update={"model": save_torchscript(module, tmp_path / "m.pt"), "model_channels": "hdab"}
+    )
     model = NucleusModel(nuclei, StainMatrix())
     prob = model.probability(tile.pixels, bg)
     assert prob.shape == tile.pixels.shape[:2] and prob.dtype == np.float32
@@ -172,7 +163,7 @@ def test_nucleus_model_replaces_the_detection_image(module: torch.nn.Module, tmp
     assert len(tc.table["x"]) > 100
     assert _tile_f1(tile, tc.table) >= 0.85
     # The model decides: a model that sees no nucleus anywhere gives no cells.
-    none = nuclei.model_copy(update={"model": _scripted(_Nothing(), tmp_path / "none.pt")})
+    none = nuclei.model_copy(update={"model": save_torchscript(_Nothing(), tmp_path / "none.pt")})
     empty = detect_cells(
         od[..., 0],
         od[..., 1],
@@ -192,13 +183,13 @@ def test_nucleus_model_errors_name_the_setting_and_file(tmp_path: Path) -> None:
     junk.write_bytes(b"\x00not torchscript")
     with pytest.raises(ConfigError, match=r"nuclei\.model.*junk\.pt.*not a loadable TorchScript model"):
         NucleusModel(NucleiSettings(model=junk), StainMatrix())
-    wrong = NucleusModel(NucleiSettings(model=_scripted(_WrongShape(), tmp_path / "wrong.pt")), StainMatrix())
+    wrong = NucleusModel(NucleiSettings(model=save_torchscript(_WrongShape(), tmp_path / "wrong.pt")), StainMatrix())
     with pytest.raises(ConfigError, match=r"wrong\.pt.*output \(1, 3, 32, 32\) is not \(N, 1 or 2, H, W\)"):
         wrong.probability(np.full((32, 32, 3), 200, np.uint8), 255.0)
 
 
 def test_nucleus_model_in_the_slide_pipeline(small_slide: SynthOutput, tmp_path: Path) -> None:
-    model = _scripted(_HaematoxylinModel(), tmp_path / "m.pt")
+    model = save_torchscript(HaematoxylinNuclei(), tmp_path / "m.pt")
     assert small_slide.ome_tiff
     with open_slide(small_slide.ome_tiff) as slide:
         classical = analyse(slide, load_settings("ki67", ["tiling.workers=1"]))
@@ -264,25 +255,16 @@ def test_membrane_sectors_completeness_counts_stained_directions() -> None:
     assert t["membrane_dab_mean"] == pytest.approx([(12 * 0.5 + 4 * 0.05) / 16])
 
 
-def _exported(module: torch.nn.Module, path: Path, dynamic: bool = True) -> Path:
-    """Save ``module`` as a torch.export program (``.pt2``), with free batch, height and width or fixed 64²."""
-    n, h, w = torch.export.Dim("n"), torch.export.Dim("h"), torch.export.Dim("w")
-    shapes = {"x": {0: n, 2: h, 3: w}} if dynamic else None
-    program = torch.export.export(module, (torch.rand(2, 3, 64, 64),), dynamic_shapes=shapes)
-    torch.export.save(program, str(path))
-    return path
-
-
 def test_exported_nucleus_model_gives_what_its_torchscript_gives(tmp_path: Path) -> None:
     spec = SynthSpec(width=1024, height=1024, seed=6)
     tile = render_tile(SlideModel(spec), 0, 0, 300, 250)  # not square, not a power of two
     bg = (spec.background,) * 3
     base = NucleiSettings(model_channels="hdab")
     scripted = NucleusModel(
-        base.model_copy(update={"model": _scripted(_HaematoxylinModel(), tmp_path / "m.pt")}), StainMatrix()
+        base.model_copy(update={"model": save_torchscript(HaematoxylinNuclei(), tmp_path / "m.pt")}), StainMatrix()
     )
     exported = NucleusModel(
-        base.model_copy(update={"model": _exported(_HaematoxylinModel(), tmp_path / "m.pt2")}), StainMatrix()
+        base.model_copy(update={"model": save_exported(HaematoxylinNuclei(), tmp_path / "m.pt2")}), StainMatrix()
     )
     want = scripted.probability(tile.pixels, bg)
     got = exported.probability(tile.pixels, bg)
@@ -292,7 +274,7 @@ def test_exported_nucleus_model_gives_what_its_torchscript_gives(tmp_path: Path)
 
 def test_model_files_that_cannot_run_are_refused_by_name(tmp_path: Path) -> None:
     fixed = NucleusModel(
-        NucleiSettings(model=_exported(_HaematoxylinModel(), tmp_path / "fixed.pt2", False)), StainMatrix()
+        NucleiSettings(model=save_exported(HaematoxylinNuclei(), tmp_path / "fixed.pt2", "none")), StainMatrix()
     )
     with pytest.raises(ConfigError, match=r"nuclei\.model.*fixed\.pt2.*failed on an input of shape \(1, 3, 32, 48\)"):
         fixed.probability(np.full((32, 48, 3), 200, np.uint8), 255.0)

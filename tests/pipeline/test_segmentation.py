@@ -21,19 +21,8 @@ from pipeline.segmentation import (
     TorchScriptSegmenter,
     builtin_segmentation,
 )
+from pipeline.synth.toy_models import DarknessCompartments, save_exported, save_torchscript
 from pipeline.tissue import TissueMask, detect_tissue
-
-
-class _DarknessModel(torch.nn.Module):
-    """Tumour where the mean RGB darkness exceeds 0.25, fat/background where it is below 0.08."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dark = 1.0 - x.mean(1, keepdim=True)
-        tumour = (dark - 0.25) * 50
-        background = (0.08 - dark) * 50
-        stroma = torch.zeros_like(dark)
-        other = torch.full_like(dark, -100.0)
-        return torch.cat([tumour, stroma, background, other], 1)
 
 
 class _WrongOutput(torch.nn.Module):
@@ -41,23 +30,14 @@ class _WrongOutput(torch.nn.Module):
         return x[:, :2]
 
 
-def _save(module: torch.nn.Module, path: Path) -> Path:
-    torch.jit.script(module).save(str(path))
-    return path
-
-
-def _export(module: torch.nn.Module, path: Path) -> Path:
-    """A torch.export program with a free batch size (the last batch is short)."""
-    example = (torch.rand(2, 3, 64, 64),)
-    program = torch.export.export(module, example, dynamic_shapes={"x": {0: torch.export.Dim("n")}})
-    torch.export.save(program, str(path))
-    return path
-
-
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_model_labels_the_slide(suffix: str, small_slide: SynthOutput, tmp_path: Path) -> None:
-    save = _save if suffix == ".pt" else _export
-    model = save(_DarknessModel(), tmp_path / f"dark{suffix}")
+    path = tmp_path / f"dark{suffix}"
+    model = (
+        save_torchscript(DarknessCompartments(), path)
+        if suffix == ".pt"
+        else save_exported(DarknessCompartments(), path, "batch")
+    )
     settings = SegmentationSettings(method="model", model=model, model_mpp=4.0, model_tile_size=64, batch_size=3)
     assert small_slide.ome_tiff
     with open_slide(small_slide.ome_tiff) as slide:
@@ -82,7 +62,7 @@ def test_model_errors_are_clear(small_slide: SynthOutput, tmp_path: Path) -> Non
     junk.write_text("not a model")
     with pytest.raises(ConfigError, match=r"junk\.pt.*not a loadable TorchScript model"):
         TorchScriptSegmenter(SegmentationSettings(method="model", model=junk), StainSettings())
-    wrong = _save(_WrongOutput(), tmp_path / "wrong.pt")
+    wrong = save_torchscript(_WrongOutput(), tmp_path / "wrong.pt")
     seg = TorchScriptSegmenter(
         SegmentationSettings(method="model", model=wrong, model_mpp=8.0, model_tile_size=64), StainSettings()
     )
