@@ -26,10 +26,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from config.settings import IntensitySettings, Settings
 from pipeline import kernels, scoring
-from pipeline.nuclei import CELL_COLUMNS, NucleusModel, detect_cells, intensity_class, intensity_value
+from pipeline.nuclei import (
+    CELL_COLUMNS,
+    NucleusModel,
+    class_thresholds,
+    detect_cells,
+    intensity_class,
+    intensity_value,
+)
 from pipeline.segmentation import (
     CLASS_NAMES,
     STROMA,
@@ -199,10 +207,7 @@ def pixel_class_counts(
     :func:`pipeline.nuclei.intensity_class`) and their counts, nonzero only.
     """
     compartment = {"nucleus": 0, "cell": 1}.get(intensity.compartment, 2)
-    if intensity.single_threshold is not None:
-        thresholds = np.array([intensity.single_threshold], np.float64)
-    else:
-        thresholds = np.asarray(intensity.thresholds, np.float64)
+    thresholds = class_thresholds(intensity)
     hist, row0, col0, cols = kernels.class_counts_on_grid(
         nuclei, cells, dab_od, compartment, thresholds, x0, y0, scale, *grid_shape
     )
@@ -287,17 +292,10 @@ def analyse(
         ctx = _TileContext(slide, *args)
         parts = ([process_tile(ctx, c) for c in block] for block in blocks)
     try:
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(cores), unit="tile", desc="scoring")
-        for part in parts:
-            outputs.extend(part)
-            if bar is not None:
+        with tqdm(total=len(cores), unit="tile", desc="scoring", disable=not progress) as bar:
+            for part in parts:
+                outputs.extend(part)
                 bar.update(len(part))
-        if bar is not None:
-            bar.close()
     finally:
         if pool is not None:
             pool.shutdown()

@@ -382,8 +382,14 @@ def intensity_value(table: dict[str, np.ndarray], intensity: IntensitySettings) 
     return table[key]
 
 
-def intensity_class(values: np.ndarray, intensity: IntensitySettings) -> np.ndarray:
-    """0 negative, 1 = 1+, 2 = 2+, 3 = 3+ (single threshold: 0 or 1)."""
+def class_thresholds(intensity: IntensitySettings) -> np.ndarray:
+    """The ascending DAB thresholds that divide the classes: 1+/2+/3+, or the single positive one."""
     if intensity.single_threshold is not None:
-        return (values >= intensity.single_threshold).astype(np.uint8)
-    return np.digitize(values, intensity.thresholds).astype(np.uint8)
+        return np.array([intensity.single_threshold], np.float64)
+    return np.asarray(intensity.thresholds, np.float64)
+
+
+def intensity_class(values: np.ndarray, intensity: IntensitySettings) -> np.ndarray:
+    """0 negative, 1 = 1+, 2 = 2+, 3 = 3+ (single threshold: 0 or 1): the number
+    of :func:`class_thresholds` at or below each value."""
+    return np.digitize(values, class_thresholds(intensity)).astype(np.uint8)

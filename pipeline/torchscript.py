@@ -31,14 +31,15 @@ def load_model(path: Path | None, device: Literal["auto", "cpu", "cuda"], sectio
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{section}.device", "cuda", "CUDA is not available on this machine")
     target = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    exported = Path(path).suffix == ".pt2"
     try:
-        if Path(path).suffix == ".pt2":
+        if exported:
             # An exported program is already in inference form (it has no eval()).
             model = torch.export.load(str(path)).module().to(target)
         else:
             model = torch.jit.load(str(path), map_location=target).eval()
     except Exception as exc:  # torch raises RuntimeError with a long C++ trace
-        kind = "torch.export program (.pt2)" if Path(path).suffix == ".pt2" else "TorchScript model"
+        kind = "torch.export program (.pt2)" if exported else "TorchScript model"
         raise ConfigError(f"{section}.model", str(path), f"not a loadable {kind}: {exc}") from exc
     return model, target
 
