@@ -14,6 +14,20 @@ from os import PathLike
 class IhcAdapterError(Exception):
     """Base class of every error ihc-adapter raises on purpose."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Subclasses take their own arguments, not the message, so the default
+        # pickling (cls(*args)) fails and an error raised in a tile worker would
+        # break the pool instead of reaching the caller: rebuild from the message
+        # and the attributes.
+        return (_rebuild, (type(self), str(self), self.__dict__))
+
+
+def _rebuild(cls: type[IhcAdapterError], message: str, state: dict[str, object]) -> IhcAdapterError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class SlideReadError(IhcAdapterError):
     """A slide cannot be read: unsupported, corrupt, or missing metadata."""

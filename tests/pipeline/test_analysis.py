@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from PIL import Image
 from scipy.spatial import cKDTree
 
 from adapter.synth import SynthOutput
+from config.errors import SlideReadError
 from config.settings import IntensitySettings, load_settings
 from dicom_io import open_slide
 from pipeline.analysis import SlideResult, analyse, pixel_class_counts, tile_blocks
@@ -145,3 +148,14 @@ def test_pixel_class_counts_match_numpy(compartment: str, single: float | None, 
     )
     want = np.bincount(gi * 4 + intensity_class(dab[in_cell], intensity).astype(np.int64))
     assert np.array_equal(keys, np.flatnonzero(want)) and np.array_equal(counts, want[want > 0])
+
+
+def test_a_cut_dicom_series_is_refused_by_the_workers_with_its_reason(small_slide: SynthOutput, tmp_path: Path) -> None:
+    assert small_slide.dicom_dir is not None
+    cut = tmp_path / "cut"
+    shutil.copytree(small_slide.dicom_dir, cut)
+    base = max(cut.glob("*.dcm"), key=lambda f: f.stat().st_size)
+    base.write_bytes(base.read_bytes()[: base.stat().st_size // 2])
+    opener = functools.partial(open_slide, cut)
+    with opener() as slide, pytest.raises(SlideReadError, match=r"cut: cannot decode level 0"):
+        analyse(slide, load_settings("ki67", ["tiling.workers=2"]), opener=opener)
