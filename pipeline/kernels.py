@@ -84,6 +84,19 @@ def cell_stats(nuclei: np.ndarray, cells: np.ndarray, h_od: np.ndarray, dab_od: 
     return out
 
 
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _diamond_angle(dy: float, dx: float) -> float:
+    """A stand-in for the angle of ``(dx, dy)``: rises with it from 0 (along +x)
+    to 4 (a full turn) with no trigonometry; 0 for the zero vector."""
+    if dy >= 0:
+        if dx >= 0:
+            return dy / (dx + dy) if dx + dy > 0 else 0.0
+        return 1.0 - dx / (dy - dx)
+    if dx < 0:
+        return 2.0 - dy / (-dx - dy)
+    return 3.0 + dx / (dx - dy)
+
+
 @numba.njit(cache=_CACHE, nogil=True)
 def sector_peaks(
     nuclei: np.ndarray, cells: np.ndarray, dab_od: np.ndarray, cx: np.ndarray, cy: np.ndarray, sectors: int
@@ -91,20 +104,36 @@ def sector_peaks(
     """Highest DAB of each cell's cytoplasm in each of ``sectors`` equal angles
     around its nucleus centre ``(cx, cy)`` (px); ``(n, sectors)``, -inf where a
     sector holds no pixel. Sector k spans angles ``atan2(dy, dx)`` from
-    -π + 2πk/sectors."""
+    -π + 2πk/sectors (found by comparing diamond angles with the sectors'
+    edges: no arctangent per pixel)."""
     height, width = cells.shape
     peak = np.full((cx.shape[0], sectors), -np.inf)
-    scale = sectors / (2.0 * np.pi)
+    # atan2(dy, dx) + π is the angle of (-dx, -dy); sector k starts at 2πk/sectors.
+    edges = np.zeros(sectors)
+    for k in range(1, sectors):
+        turn = 2.0 * np.pi * k / sectors
+        edges[k] = _diamond_angle(math.sin(turn), math.cos(turn))
     for y in range(height):
         for x in range(width):
             c = cells[y, x]
             if c == 0 or nuclei[y, x] != 0:
                 continue
             i = c - 1
-            s = min(int((math.atan2(y - cy[i], x - cx[i]) + np.pi) * scale), sectors - 1)
+            dy, dx = y - cy[i], x - cx[i]
+            lo, hi = 0, sectors
+            if dy == 0 and dx < 0:
+                lo = sectors - 1  # atan2(+0, -1) = +π: the end of the last sector
+            else:
+                a = 2.0 if dx == 0 and dy == 0 else _diamond_angle(-dy, -dx)
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    if edges[mid] <= a:
+                        lo = mid
+                    else:
+                        hi = mid
             d = np.float64(dab_od[y, x])
-            if d > peak[i, s]:
-                peak[i, s] = d
+            if d > peak[i, lo]:
+                peak[i, lo] = d
     return peak
 
 
@@ -132,70 +161,209 @@ def nearest_labels(nuclei: np.ndarray, nearest: np.ndarray, dist: np.ndarray, ma
     return cells
 
 
+#: :func:`split_at_peaks` finds each pixel's nearest peak by trying every peak
+#: pixel of its piece while pixels × peak pixels of the piece stay under this;
+#: larger pieces (a fold, pen ink) use a linear-time propagation instead.
+SPLIT_BRUTE_FORCE_BUDGET = 1 << 20
+
+
 @numba.njit(cache=_CACHE, nogil=True)
-def split_trim_filter(
+def split_at_peaks(pieces: np.ndarray, n_pieces: int, plateaus: np.ndarray, n_plateaus: int, budget: int) -> np.ndarray:
+    """Split connected foreground ``pieces`` (labels 1..n_pieces-1, 0 = background)
+    at peak ``plateaus`` (labels 1..n_plateaus-1). A plateau belongs to the
+    piece of its last pixel in raster order; its pixels in any other piece
+    (a plateau may touch two pieces at a corner) are ignored.
+
+    In a piece holding two or more plateaus, each pixel takes the label
+    ``n_pieces + plateau`` of the plateau with the nearest pixel (Euclidean;
+    ties to the first in raster order); a piece with one plateau or none keeps
+    its own label. Pieces where pixels × peak pixels exceed ``budget`` are
+    split by propagating nearest-peak offsets through the piece instead
+    (raster sweeps, exact but for rare one-pixel slips; distances within
+    the piece).
+    """
+    height, width = pieces.shape
+    plateau_piece = np.zeros(max(n_plateaus, 1), np.int32)
+    area = np.zeros(n_pieces, np.int64)
+    # Peak pixels, listed in one pass (they are few; the lists are not filled beyond them).
+    ly = np.empty(height * width, np.int32)
+    lx = np.empty(height * width, np.int32)
+    listed = 0
+    for y in range(height):
+        for x in range(width):
+            p = pieces[y, x]
+            if p == 0:
+                continue
+            area[p] += 1
+            q = plateaus[y, x]
+            if q > 0:
+                plateau_piece[q] = p
+                ly[listed], lx[listed] = y, x
+                listed += 1
+    count = np.zeros(n_pieces, np.int32)
+    for q in range(1, n_plateaus):
+        count[plateau_piece[q]] += 1
+    peak_px = np.zeros(n_pieces + 1, np.int64)
+    for k in range(listed):
+        p = pieces[ly[k], lx[k]]
+        if plateau_piece[plateaus[ly[k], lx[k]]] == p and count[p] >= 2:
+            peak_px[p + 1] += 1
+    start = np.cumsum(peak_px)  # peak pixels of piece p: start[p]:start[p + 1]
+    fill = start[:-1].copy()
+    py = np.zeros(start[-1], np.int32)
+    px = np.zeros(start[-1], np.int32)
+    pq = np.zeros(start[-1], np.int32)
+    for k in range(listed):
+        y, x = ly[k], lx[k]
+        q, p = plateaus[y, x], pieces[y, x]
+        if plateau_piece[q] == p and count[p] >= 2:
+            i = fill[p]
+            py[i], px[i], pq[i] = y, x, q
+            fill[p] += 1
+    # 0: keep the piece, 1: try every peak, 2: propagate.
+    mode = np.zeros(n_pieces, np.int8)
+    for p in range(1, n_pieces):
+        if count[p] >= 2:
+            mode[p] = 1 if area[p] * (start[p + 1] - start[p]) <= budget else 2
+    out = np.empty((height, width), np.int32)
+    propagate = False
+    for y in range(height):
+        for x in range(width):
+            p = pieces[y, x]
+            out[y, x] = p
+            if mode[p] == 1:
+                best, label = np.int64(1) << 62, 0
+                for k in range(start[p], start[p + 1]):
+                    d = np.int64(y - py[k]) ** 2 + np.int64(x - px[k]) ** 2
+                    if d < best:
+                        best, label = d, pq[k]
+                out[y, x] = n_pieces + label
+            elif mode[p] == 2:
+                propagate = True
+    if propagate:
+        _propagate_nearest_peak(pieces, plateaus, plateau_piece, mode, n_pieces, out)
+    return out
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _propagate_nearest_peak(
     pieces: np.ndarray,
+    plateaus: np.ndarray,
+    plateau_piece: np.ndarray,
+    mode: np.ndarray,
     n_pieces: int,
-    nearest: np.ndarray,
-    peaks: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Nearest-peak labels for the pixels of pieces with ``mode`` 2 (see
+    :func:`split_at_peaks`): each pixel carries its nearest known peak pixel,
+    offered to its neighbours in the same piece by forward and backward raster
+    sweeps, repeated until every such pixel has one."""
+    height, width = pieces.shape
+    far = np.int64(1) << 62
+    sy = np.zeros((height, width), np.int32)
+    sx = np.zeros((height, width), np.int32)
+    d2 = np.full((height, width), far, np.int64)
+    lab = np.zeros((height, width), np.int32)
+    for y in range(height):
+        for x in range(width):
+            q = plateaus[y, x]
+            if mode[pieces[y, x]] == 2 and q > 0 and plateau_piece[q] == pieces[y, x]:
+                sy[y, x], sx[y, x], d2[y, x], lab[y, x] = y, x, 0, q
+    forward = ((-1, -1), (-1, 0), (-1, 1), (0, -1))
+    backward = ((1, 1), (1, 0), (1, -1), (0, 1))
+    missing = True
+    while missing:
+        for sweep in range(2):
+            rows = range(height) if sweep == 0 else range(height - 1, -1, -1)
+            offsets = forward if sweep == 0 else backward
+            for y in rows:
+                for x in range(width) if sweep == 0 else range(width - 1, -1, -1):
+                    _offer(pieces, mode, sy, sx, d2, lab, y, x, offsets)
+                for x in range(width - 1, -1, -1) if sweep == 0 else range(width):
+                    _offer(pieces, mode, sy, sx, d2, lab, y, x, ((0, 1),) if sweep == 0 else ((0, -1),))
+        missing = False
+        for y in range(height):
+            for x in range(width):
+                if mode[pieces[y, x]] == 2 and d2[y, x] == far:
+                    missing = True
+    for y in range(height):
+        for x in range(width):
+            if mode[pieces[y, x]] == 2:
+                out[y, x] = n_pieces + lab[y, x]
+
+
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _offer(
+    pieces: np.ndarray,
+    mode: np.ndarray,
+    sy: np.ndarray,
+    sx: np.ndarray,
+    d2: np.ndarray,
+    lab: np.ndarray,
+    y: int,
+    x: int,
+    offsets: tuple[tuple[int, int], ...],
+) -> None:
+    """Give pixel (y, x) the nearest peak its neighbours at ``offsets`` know of, if nearer."""
+    p = pieces[y, x]
+    if mode[p] != 2:
+        return
+    height, width = pieces.shape
+    for dy, dx in offsets:
+        ny, nx = y + dy, x + dx
+        if ny < 0 or ny >= height or nx < 0 or nx >= width or pieces[ny, nx] != p or lab[ny, nx] == 0:
+            continue
+        d = np.int64(y - sy[ny, nx]) ** 2 + np.int64(x - sx[ny, nx]) ** 2
+        if d < d2[y, x] or (d == d2[y, x] and lab[ny, nx] < lab[y, x]):
+            sy[y, x], sx[y, x], d2[y, x], lab[y, x] = sy[ny, nx], sx[ny, nx], d, lab[ny, nx]
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def trim_and_filter(
+    labels: np.ndarray,
+    n: int,
     fine: np.ndarray,
     threshold: float,
     min_area: float,
     max_area: float,
     pixel_area: float,
 ) -> np.ndarray:
-    """Nucleus labels 1..k from connected foreground ``pieces`` (0 = background).
+    """Nucleus labels 1..k from candidate ``labels`` (1..n-1, 0 = none).
 
-    Split: where ``peaks`` is not empty, a pixel whose nearest peak plateau
-    (``nearest``, OpenCV's component labels of the peaks) lies in its own piece
-    takes that plateau as its label. Trim: where ``fine`` is not empty, a pixel
-    stays only if ``fine`` reaches both ``threshold`` and half its label's
-    highest ``fine``. Filter: labels whose area (pixels × ``pixel_area``) is
-    outside [``min_area``, ``max_area``] are dropped; the rest are numbered
-    1..k in order of label.
+    Trim: where ``fine`` is not empty, a pixel stays only if ``fine`` reaches
+    both ``threshold`` and half its label's highest ``fine``. Filter: labels
+    whose area (pixels × ``pixel_area``) is outside [``min_area``,
+    ``max_area``] are dropped; the rest are numbered 1..k in order of label.
     """
-    height, width = pieces.shape
-    out = np.zeros((height, width), np.int32)
-    split = peaks.size > 0
-    n = n_pieces - 1
-    marker_piece = np.zeros(1, np.int32)
-    if split:
-        plateaus = 0
-        for y in range(height):
-            for x in range(width):
-                if nearest[y, x] > plateaus:
-                    plateaus = nearest[y, x]
-        marker_piece = np.zeros(plateaus + 1, np.int32)
-        for y in range(height):
-            for x in range(width):
-                if peaks[y, x]:
-                    marker_piece[nearest[y, x]] = pieces[y, x]
-        n = n_pieces + plateaus
-    for y in range(height):
-        for x in range(width):
-            p = pieces[y, x]
-            if p != 0:
-                out[y, x] = nearest[y, x] + n_pieces if split and marker_piece[nearest[y, x]] == p else p
+    height, width = labels.shape
+    out = np.empty((height, width), np.int32)
+    count = np.zeros(n, np.int64)
     if fine.size > 0:
-        peak = np.full(n + 1, -np.inf, np.float32)
+        peak = np.full(n, -np.inf, np.float32)
         for y in range(height):
             for x in range(width):
-                k = out[y, x]
+                k = labels[y, x]
                 if k != 0 and fine[y, x] > peak[k]:
                     peak[k] = fine[y, x]
         cut = np.maximum(np.float32(threshold), np.float32(0.5) * peak)
         for y in range(height):
             for x in range(width):
-                k = out[y, x]
-                if k != 0 and not fine[y, x] >= cut[k]:
-                    out[y, x] = 0
-    count = np.zeros(n + 1, np.int64)
-    for y in range(height):
-        for x in range(width):
-            count[out[y, x]] += 1
-    lut = np.zeros(n + 1, np.int32)
+                k = labels[y, x]
+                if k != 0 and fine[y, x] >= cut[k]:
+                    count[k] += 1
+                else:
+                    k = 0
+                out[y, x] = k
+    else:
+        for y in range(height):
+            for x in range(width):
+                k = labels[y, x]
+                out[y, x] = k
+                if k != 0:
+                    count[k] += 1
+    lut = np.zeros(n, np.int32)
     kept = 0
-    for k in range(1, n + 1):
+    for k in range(1, n):
         area = count[k] * pixel_area
         if area >= min_area and area <= max_area:
             kept += 1

@@ -8,9 +8,9 @@ For one tile of haematoxylin / DAB optical density at the requested pixel size:
    pixels whose background exceeds *Max background intensity* are ignored.
 3. *Sigma*: Gaussian smoothing; *Threshold*: foreground is smoothed OD above it.
 4. *Split by shape*: touching nuclei are split at the local maxima of the
-   smoothed distance transform (each foreground pixel goes to the nearest
-   maximum of its own connected piece) — a Voronoi split that costs two
-   distance transforms instead of a watershed flood.
+   smoothed distance transform: each pixel of a piece with several maxima
+   goes to the nearest one in that piece — a Voronoi split that costs one
+   distance transform and no watershed flood.
 5. *Minimum / Maximum area* filter.
 6. *Cell expansion*: each nucleus grows by up to that distance, never into
    a neighbour (nearest-nucleus partition), as QuPath does.
@@ -121,26 +121,22 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
         return np.zeros(det.shape, np.int32)
     fg8 = fg.view(np.uint8)
     n_pieces, pieces = cv2.connectedComponents(fg8, connectivity=4, ltype=cv2.CV_32S)
-    nearest, peaks = np.zeros((0, 0), np.int32), np.zeros((0, 0), bool)
+    labels, n_labels = pieces, n_pieces
     if settings.split_by_shape:
         dist = _gaussian(cv2.distanceTransform(fg8, cv2.DIST_L2, 5), 1.0)
-        # Peaks at least a typical nucleus radius apart.
+        # Peaks at least a typical nucleus radius apart; a plateau of equal
+        # peak pixels, diagonal neighbours included, is one peak.
         size = 2 * max(1, round(SPLIT_RADIUS_UM / mpp)) + 1
         found = (dist == cv2.dilate(dist, _square(size))) & fg & (dist > 1.0)
-        if found.any():
-            # Each foreground pixel goes to its nearest peak plateau (numbered by
-            # OpenCV), but only within the connected piece that holds the peak.
-            peaks = found
-            _, nearest = cv2.distanceTransformWithLabels(
-                (~peaks).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP
-            )
+        n_plateaus, plateaus = cv2.connectedComponents(found.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+        if n_plateaus > 2:
+            labels = kernels.split_at_peaks(pieces, n_pieces, plateaus, n_plateaus, kernels.SPLIT_BRUTE_FORCE_BUDGET)
+            n_labels = n_pieces + n_plateaus
     # Trimming keeps a nucleus' pixels at or above half its peak in ``fine``:
     # a blurred step's true edge is where it falls to half its height.
-    return kernels.split_trim_filter(
-        pieces,
-        n_pieces,
-        nearest,
-        peaks,
+    return kernels.trim_and_filter(
+        labels,
+        n_labels,
         np.zeros((0, 0), np.float32) if fine is None else np.ascontiguousarray(fine, dtype=np.float32),
         settings.threshold,
         settings.min_area_um2,

@@ -71,6 +71,25 @@ def test_sector_peaks_match_numpy(sectors: int) -> None:
             assert peak[k - 1, s] == pytest.approx(want)
 
 
+@pytest.mark.parametrize("sectors", [8, 16, 7])
+def test_sector_of_each_direction_is_the_arctangent_sector(sectors: int) -> None:
+    # One cell per direction, its only cytoplasm pixel at that offset from an integer
+    # centre: straight left/right/up/down and the diagonals lie on sector edges.
+    offsets = [(dy, dx) for dy in (-2, -1, 0, 1, 2) for dx in (-2, -1, 0, 1, 2) if (dy, dx) != (0, 0)]
+    n = len(offsets)
+    cells = np.zeros((7, 7 * n), np.int32)
+    nuclei = np.zeros_like(cells)
+    cx = np.arange(n) * 7 + 3.0
+    cy = np.full(n, 3.0)
+    for i, (dy, dx) in enumerate(offsets):
+        cells[3 + dy, 3 + 7 * i + dx] = i + 1
+    dab = np.ones(cells.shape, np.float32)
+    peak = kernels.sector_peaks(nuclei, cells, dab, cx, cy, sectors)
+    for i, (dy, dx) in enumerate(offsets):
+        want = min(int((np.arctan2(dy, dx) + np.pi) * sectors / (2 * np.pi)), sectors - 1)
+        assert np.flatnonzero(np.isfinite(peak[i])).tolist() == [want], (dy, dx)
+
+
 def test_nearest_labels_follow_the_raster_numbering_of_nucleus_pixels() -> None:
     # Label 2 comes first in raster order and label 1 spans several rows.
     nuclei = np.zeros((12, 30), np.int32)
@@ -93,7 +112,7 @@ def test_nearest_labels_follow_the_raster_numbering_of_nucleus_pixels() -> None:
     assert cells[2, 10] == 0 and cells[1, 6] == 2 and cells[10, 4] == 3
 
 
-def test_split_trim_filter_by_hand() -> None:
+def test_trim_and_filter_by_hand() -> None:
     pieces = np.zeros((4, 8), np.int32)
     pieces[0:2, 0:4] = 1  # 8 px: fine falls from 1.0 to 0.4 across it
     pieces[3, 5:8] = 2  # 3 px
@@ -102,25 +121,90 @@ def test_split_trim_filter_by_hand() -> None:
     fine[0:2, 0:4] = [1.0, 0.8, 0.5, 0.4]
     fine[3, 5:8] = [0.9, 0.2, 0.9]
     fine[0, 6] = 0.7
-    no_split, no_peaks = np.zeros((0, 0), np.int32), np.zeros((0, 0), bool)
     empty = np.zeros((0, 0), np.float32)
     # Areas in px × 1.0: 2..8 kept, in label order.
-    out = kernels.split_trim_filter(pieces, 4, no_split, no_peaks, empty, 0.3, 2.0, 8.0, 1.0)
+    out = kernels.trim_and_filter(pieces, 4, empty, 0.3, 2.0, 8.0, 1.0)
     assert out.max() == 2 and (out[pieces == 1] == 1).all() and (out[pieces == 2] == 2).all()
     assert (out[pieces == 3] == 0).all()
     # Trim at max(threshold 0.3, half the peak): piece 1 keeps ≥ 0.5 (6 px), piece 2 loses its 0.2.
-    out = kernels.split_trim_filter(pieces, 4, no_split, no_peaks, fine, 0.3, 2.0, 8.0, 1.0)
+    out = kernels.trim_and_filter(pieces, 4, fine, 0.3, 2.0, 8.0, 1.0)
     assert (out[0:2, 0:3] == 1).all() and (out[0:2, 3] == 0).all()
     assert out[3, 5] == 2 and out[3, 6] == 0 and out[3, 7] == 2
-    # Split: two peak plateaus in piece 1; each pixel joins the nearest one of its own piece.
-    peaks = np.zeros(pieces.shape, bool)
-    peaks[0, 0] = peaks[1, 3] = True
-    plateau = np.zeros(pieces.shape, np.int32)
-    plateau[:, :2], plateau[:, 2:] = 1, 2  # as OpenCV's nearest-plateau labels would be here
-    out = kernels.split_trim_filter(pieces, 4, plateau, peaks, empty, 0.3, 1.0, 8.0, 1.0)
-    # Split parts are numbered after the pieces that keep their own label.
-    assert (out[3, 5:8] == 1).all() and out[0, 6] == 2
-    assert (out[0:2, 0:2] == 3).all() and (out[0:2, 2:4] == 4).all()
+
+
+def test_split_at_peaks_by_hand() -> None:
+    pieces = np.zeros((4, 9), np.int32)
+    pieces[0:2, 0:5] = 1  # two peaks
+    pieces[3, 5:8] = 2  # one peak: kept whole
+    pieces[0, 7] = 3  # no peak
+    plateaus = np.zeros(pieces.shape, np.int32)
+    plateaus[0, 0] = 1
+    plateaus[1, 3:5] = 2  # a plateau of two pixels
+    plateaus[3, 6] = 3
+    out = kernels.split_at_peaks(pieces, 4, plateaus, 4, kernels.SPLIT_BRUTE_FORCE_BUDGET)
+    # Split parts are labelled n_pieces + plateau; the rest keep their piece's label.
+    want = pieces.copy()
+    want[0:2, 0:2] = 5
+    want[0:2, 2:5] = 6  # (0, 2) is 2 px from (0, 0) but √2 from (1, 3)
+    assert (out == want).all()
+
+    # A plateau touching two pieces at a corner belongs to the later one (raster order).
+    pieces = np.zeros((4, 8), np.int32)
+    pieces[0:2, 0:2] = 1
+    pieces[2:4, 2:8] = 2
+    plateaus = np.zeros(pieces.shape, np.int32)
+    plateaus[1, 1] = plateaus[2, 2] = 1  # diagonal neighbours: one plateau
+    plateaus[3, 7] = 2
+    out = kernels.split_at_peaks(pieces, 3, plateaus, 3, kernels.SPLIT_BRUTE_FORCE_BUDGET)
+    assert (out[pieces == 1] == 1).all()  # no peak of its own left: kept whole
+    assert (out[2:4, 2:5] == 4).all() and (out[2:4, 6:8] == 5).all()
+
+
+def _nearest_peak_reference(pieces: np.ndarray, plateaus: np.ndarray, n_pieces: int) -> np.ndarray:
+    """Brute force over all pixels: nearest peak pixel of the same piece, first in raster order on ties."""
+    out = pieces.copy()
+    py, px = np.nonzero(plateaus)
+    for p in range(1, n_pieces):
+        own = pieces[py, px] == p
+        if len(np.unique(plateaus[py[own], px[own]])) < 2:
+            continue
+        yy, xx = np.nonzero(pieces == p)
+        d2 = (yy[:, None] - py[own]) ** 2 + (xx[:, None] - px[own]) ** 2
+        out[yy, xx] = n_pieces + plateaus[py[own], px[own]][d2.argmin(axis=1)]
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_at_peaks_matches_brute_force_and_propagation_agrees(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    blobs = np.zeros((90, 120), np.uint8)
+    for _ in range(40):
+        cv2.circle(blobs, (int(rng.integers(0, 120)), int(rng.integers(0, 90))), int(rng.integers(3, 9)), 1, -1)
+    n_pieces, pieces = cv2.connectedComponents(blobs, connectivity=4, ltype=cv2.CV_32S)
+    seeds = (rng.random(blobs.shape) < 0.02) & (blobs > 0)
+    n_plateaus, plateaus = cv2.connectedComponents(seeds.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    want = _nearest_peak_reference(pieces, plateaus, n_pieces)
+    out = kernels.split_at_peaks(pieces, n_pieces, plateaus, n_plateaus, kernels.SPLIT_BRUTE_FORCE_BUDGET)
+    assert (out == want).all()
+    assert len(np.unique(out)) > n_pieces  # some pieces were split
+    # Budget 0: every split piece by propagation; the same but for rare one-pixel slips at a border.
+    swept = kernels.split_at_peaks(pieces, n_pieces, plateaus, n_plateaus, 0)
+    assert (swept > 0).sum() == (want > 0).sum()
+    assert (swept != want).mean() < 0.01
+    assert set(np.unique(swept)) == set(np.unique(want))
+
+
+def test_split_by_propagation_stays_inside_a_winding_piece() -> None:
+    # A U-shaped piece with a peak at the end of each arm: the bottom of the U goes to the
+    # nearest peak along the piece; pixels of the right arm never take the left peak.
+    pieces = np.zeros((30, 30), np.int32)
+    pieces[0:28, 2:6] = pieces[24:28, 2:28] = pieces[0:28, 24:28] = 1
+    plateaus = np.zeros(pieces.shape, np.int32)
+    plateaus[0, 3] = 1
+    plateaus[0, 26] = 2
+    out = kernels.split_at_peaks(pieces, 2, plateaus, 3, 0)
+    assert (out[0:24, 2:6] == 3).all() and (out[0:24, 24:28] == 4).all()
+    assert (out[pieces == 0] == 0).all() and set(np.unique(out)) == {0, 3, 4}
 
 
 def test_measure_cells_refuses_labels_the_kernels_cannot_index() -> None:
