@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from config.settings import IntensitySettings, Settings
 from pipeline import kernels, scoring
+from pipeline.allocator import keep_freed_memory
 from pipeline.nuclei import (
     CELL_COLUMNS,
     NucleusModel,
@@ -124,6 +125,7 @@ def _init_worker(
 
     torch.set_num_threads(1)  # one worker per core: no nested thread pools
     cv2.setNumThreads(1)
+    keep_freed_memory()  # reuse each tile's memory for the next one (pipeline.allocator)
     _CTX = _TileContext(opener(), settings, stains, background, tissue_mpp, tissue_shape)
 
 

@@ -84,35 +84,50 @@ def cell_stats(nuclei: np.ndarray, cells: np.ndarray, h_od: np.ndarray, dab_od: 
     return out
 
 
-@numba.njit(cache=_CACHE, nogil=True, inline="always")
+#: Steps of the diamond angle's lookup of sectors (:func:`sector_peaks`).
+_ANGLE_STEPS = 4096
+
+
+@numba.njit(cache=_CACHE, nogil=True, inline="always", error_model="numpy")
 def _diamond_angle(dy: float, dx: float) -> float:
     """A stand-in for the angle of ``(dx, dy)``: rises with it from 0 (along +x)
-    to 4 (a full turn) with no trigonometry; 0 for the zero vector."""
-    if dy >= 0:
-        if dx >= 0:
-            return dy / (dx + dy) if dx + dy > 0 else 0.0
-        return 1.0 - dx / (dy - dx)
-    if dx < 0:
-        return 2.0 - dy / (-dx - dy)
-    return 3.0 + dx / (dx - dy)
+    to 4 (a full turn) with no trigonometry; 0 for the zero vector. Written
+    without branches on the quadrant (pixels of neighbouring cells alternate
+    quadrants, which a branch predictor cannot follow)."""
+    ax, ay = abs(dx), abs(dy)
+    total = ax + ay
+    t = ay / total if total > 0 else 0.0
+    left, below = dx < 0, dy < 0  # `below` in y-up terms; -0.0 counts as >= 0
+    base = 2.0 if left else (4.0 if below else 0.0)
+    return base - t if left != below else base + t
 
 
-@numba.njit(cache=_CACHE, nogil=True)
+@numba.njit(cache=_CACHE, nogil=True, error_model="numpy")
 def sector_peaks(
     nuclei: np.ndarray, cells: np.ndarray, dab_od: np.ndarray, cx: np.ndarray, cy: np.ndarray, sectors: int
 ) -> np.ndarray:
     """Highest DAB of each cell's cytoplasm in each of ``sectors`` equal angles
     around its nucleus centre ``(cx, cy)`` (px); ``(n, sectors)``, -inf where a
     sector holds no pixel. Sector k spans angles ``atan2(dy, dx)`` from
-    -π + 2πk/sectors (found by comparing diamond angles with the sectors'
-    edges: no arctangent per pixel)."""
+    -π + 2πk/sectors (found from the diamond angle, a lookup and one
+    comparison with a sector edge: no arctangent per pixel). At most 1024
+    sectors."""
     height, width = cells.shape
     peak = np.full((cx.shape[0], sectors), -np.inf)
     # atan2(dy, dx) + π is the angle of (-dx, -dy); sector k starts at 2πk/sectors.
-    edges = np.zeros(sectors)
+    edges = np.full(sectors + 1, np.inf)
+    edges[0] = 0.0
     for k in range(1, sectors):
         turn = 2.0 * np.pi * k / sectors
         edges[k] = _diamond_angle(math.sin(turn), math.cos(turn))
+    # The sector at the start of each of 4096 equal steps of the diamond angle: a
+    # step is narrower than any sector, so at most one edge falls inside it.
+    start = np.zeros(_ANGLE_STEPS, np.int64)
+    k = 0
+    for b in range(_ANGLE_STEPS):
+        while k + 1 < sectors and edges[k + 1] <= b * (4.0 / _ANGLE_STEPS):
+            k += 1
+        start[b] = k
     for y in range(height):
         for x in range(width):
             c = cells[y, x]
@@ -120,20 +135,16 @@ def sector_peaks(
                 continue
             i = c - 1
             dy, dx = y - cy[i], x - cx[i]
-            lo, hi = 0, sectors
             if dy == 0 and dx < 0:
-                lo = sectors - 1  # atan2(+0, -1) = +π: the end of the last sector
+                k = sectors - 1  # atan2(+0, -1) = +π: the end of the last sector
             else:
                 a = 2.0 if dx == 0 and dy == 0 else _diamond_angle(-dy, -dx)
-                while hi - lo > 1:
-                    mid = (lo + hi) // 2
-                    if edges[mid] <= a:
-                        lo = mid
-                    else:
-                        hi = mid
+                k = start[min(int(a * (_ANGLE_STEPS / 4.0)), _ANGLE_STEPS - 1)]
+                if a >= edges[k + 1]:
+                    k += 1
             d = np.float64(dab_od[y, x])
-            if d > peak[i, lo]:
-                peak[i, lo] = d
+            if d > peak[i, k]:
+                peak[i, k] = d
     return peak
 
 
@@ -185,9 +196,13 @@ def split_at_peaks(pieces: np.ndarray, n_pieces: int, plateaus: np.ndarray, n_pl
     height, width = pieces.shape
     plateau_piece = np.zeros(max(n_plateaus, 1), np.int32)
     area = np.zeros(n_pieces, np.int64)
-    # Peak pixels, listed in one pass (they are few; the lists are not filled beyond them).
-    ly = np.empty(height * width, np.int32)
-    lx = np.empty(height * width, np.int32)
+    listed = 0
+    for y in range(height):
+        for x in range(width):
+            if plateaus[y, x] > 0:
+                listed += 1
+    ly = np.zeros(listed, np.int32)  # peak pixels, listed in raster order
+    lx = np.zeros(listed, np.int32)
     listed = 0
     for y in range(height):
         for x in range(width):
