@@ -123,11 +123,12 @@ class IntensitySettings(_Frozen):
     thresholds: tuple[float, float, float] = Field((0.2, 0.4, 0.6), description="1+, 2+, 3+ thresholds (OD)")
     single_threshold: float | None = Field(None, gt=0, description="use one positive threshold instead")
     membrane_width_um: float = Field(1.0, gt=0, description="width of the membrane band inside the cell edge")
-    membrane_method: Literal["ring", "sectors"] = Field(
+    membrane_method: Literal["ring", "sectors", "none"] = Field(
         "sectors",
         description="membrane DAB: 'ring' = the brightest ring (membrane_width_um wide) around the nucleus; "
         "'sectors' = the peak DAB along each of membrane_sectors directions from the nucleus' centre, averaged, "
-        "completeness = the fraction of directions at or above the 1+ threshold",
+        "completeness = the fraction of directions at or above the 1+ threshold; "
+        "'none' = not measured (nuclear stains: saves about a tenth of the cell detection time)",
     )
     membrane_sectors: int = Field(16, ge=4, le=64, description="directions for membrane_method = 'sectors'")
 
@@ -196,6 +197,10 @@ class SegmentationSettings(_Frozen):
         return self
 
 
+#: Score kinds read from the membrane (HER2 category, PD-L1 tumour proportion score).
+MEMBRANE_SCORES = ("her2", "pdl1")
+
+
 class ScoreSettings(_Frozen):
     """Profile-specific clinical scores and alert limits."""
 
@@ -230,6 +235,19 @@ class Settings(_Frozen):
     segmentation: SegmentationSettings = SegmentationSettings()
     scores: ScoreSettings = ScoreSettings()
     outputs: OutputSettings = OutputSettings()
+
+    @model_validator(mode="after")
+    def _membrane_measured_where_scored(self) -> Settings:
+        needs = self.intensity.compartment == "membrane" or self.scores.kind in MEMBRANE_SCORES
+        if needs and self.intensity.membrane_method == "none":
+            why = (
+                "the score compartment is the membrane"
+                if self.intensity.compartment == "membrane"
+                else f"scores.kind {self.scores.kind!r} is scored from the membrane"
+            )
+            # Not a ValueError: pydantic lets it through, so the message names the setting.
+            raise ConfigError("intensity.membrane_method", "none", f"{why}; choose 'sectors' or 'ring'")
+        return self
 
 
 def available_profiles() -> list[str]:

@@ -119,8 +119,15 @@ def write_cell_table(result: SlideResult, path: Path, level0_mpp: tuple[float, f
         w = csv.writer(fh)
         w.writerow(CELL_TABLE_COLUMNS)
         for row in zip(*(columns[k] for k in CELL_TABLE_COLUMNS), strict=True):
-            w.writerow([f"{v:.3f}" if isinstance(v, float | np.floating) else v for v in row])
+            # A column that was not measured (membrane_method "none") is left empty.
+            w.writerow([_cell_text(v) for v in row])
     return path
+
+
+def _cell_text(value: object) -> object:
+    if isinstance(value, float | np.floating):
+        return "" if np.isnan(value) else f"{value:.3f}"
+    return value
 
 
 def write_json(result: SlideResult, path: Path, extra: dict | None = None) -> Path:

@@ -324,8 +324,12 @@ def analyse(
     t = time.perf_counter()
     cells["compartment"] = compartments.lookup(cells["x_um"], cells["y_um"])
     cells["intensity_class"] = intensity_class(intensity_value(cells, settings.intensity), settings.intensity)
-    cells["membrane_class"] = intensity_class(cells["membrane_dab_mean"], settings.intensity)
-    cells["membrane_complete"] = cells["membrane_positive_fraction"] >= settings.scores.her2_complete_fraction
+    if settings.intensity.membrane_method == "none":  # not measured, and no score reads it (config.settings)
+        cells["membrane_class"] = np.zeros(len(cells["x_um"]), np.uint8)
+        cells["membrane_complete"] = np.zeros(len(cells["x_um"]), bool)
+    else:
+        cells["membrane_class"] = intensity_class(cells["membrane_dab_mean"], settings.intensity)
+        cells["membrane_complete"] = cells["membrane_positive_fraction"] >= settings.scores.her2_complete_fraction
 
     tissue_area = compartments.area_mm2(TUMOUR) + compartments.area_mm2(STROMA)
     tumour_area = compartments.area_mm2(TUMOUR)

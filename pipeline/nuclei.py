@@ -262,7 +262,8 @@ def measure_cells(
     """Per-cell centroid (tile px), areas and DAB statistics per compartment.
 
     Without ``include_nuclei`` (QuPath 'Include cell nucleus' off) the cell is
-    its cytoplasm only: cell area and cell DAB leave the nucleus out.
+    its cytoplasm only: cell area and cell DAB leave the nucleus out. With
+    ``membrane_method = "none"`` the membrane columns are NaN.
 
     ``cells`` must hold each nucleus' pixels under its own label (as
     :func:`expand_cells` returns), so the cytoplasm is the cell minus its nucleus.
@@ -285,7 +286,9 @@ def measure_cells(
         raise ValueError(f"nucleus {missing} has no pixel inside its cell: labels must be 1..n, each in its own cell")
     nucleus_dab, cell_dab = st[kernels.NUCLEUS_DAB_SUM], st[kernels.CELL_DAB_SUM]
     cx, cy = st[kernels.NUCLEUS_X_SUM] / counts, st[kernels.NUCLEUS_Y_SUM] / counts
-    if intensity.membrane_method == "sectors":
+    if intensity.membrane_method == "none":
+        mem_mean = mem_max = mem_pos = np.full(n, np.nan)
+    elif intensity.membrane_method == "sectors":
         peak = kernels.sector_peaks(nuclei, cells, dab_od, cx, cy, intensity.membrane_sectors)
         mem_mean, mem_max, mem_pos = membrane_sectors(peak, intensity.thresholds[0])
     else:

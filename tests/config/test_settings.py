@@ -59,3 +59,23 @@ def test_bad_values_name_the_parameter(override: str, pattern: str) -> None:
 def test_unknown_profile() -> None:
     with pytest.raises(ConfigError, match=r"profile='cd8': unknown profile; choose from er, her2"):
         load_settings("cd8")
+
+
+@pytest.mark.parametrize(
+    ("profile", "overrides", "pattern"),
+    [
+        ("her2", [], "the score compartment is the membrane"),
+        ("pdl1", [], "the score compartment is the membrane"),
+        ("hscore", ["scores.kind=her2"], r"scores\.kind 'her2' is scored from the membrane"),
+        ("ki67", ["scores.kind=pdl1"], r"scores\.kind 'pdl1' is scored from the membrane"),
+    ],
+)
+def test_membrane_scores_refuse_unmeasured_membranes(profile: str, overrides: list[str], pattern: str) -> None:
+    with pytest.raises(ConfigError, match=r"intensity\.membrane_method='none': " + pattern):
+        load_settings(profile, [*overrides, "intensity.membrane_method=none"])
+
+
+def test_nuclear_profiles_skip_the_membrane() -> None:
+    for name in ("ki67", "er", "pr"):
+        assert load_settings(name).intensity.membrane_method == "none"
+    assert load_settings("her2").intensity.membrane_method == "sectors"

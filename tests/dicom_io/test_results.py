@@ -163,6 +163,9 @@ def test_ome_outputs_round_trip(ome_results: tuple[SlideResult, WrittenResults])
     assert len(rows) == len(result.cells["x_um"])
     assert {r["compartment"] for r in rows} <= {"tumour", "stroma", "fat_background", "other"}
     assert float(rows[0]["x_px"]) == pytest.approx(result.cells["x_um"][0] / 0.5, abs=1e-3)
+    # Ki-67 does not read membranes: that column is left empty, the others are numbers.
+    assert {r["membrane_dab_mean"] for r in rows} == {""}
+    assert float(rows[0]["nucleus_dab_mean"]) == pytest.approx(result.cells["nucleus_dab_mean"][0], abs=1e-3)
     assert Path(written.json).exists()
 
 

@@ -246,6 +246,17 @@ def test_membrane_sectors_follow_a_membrane_at_any_distance() -> None:
     assert ring["membrane_dab_mean"][0] < 0.35 and ring["membrane_positive_fraction"][0] < 0.7
 
 
+def test_membranes_not_measured_leave_the_other_columns_alone() -> None:
+    nuclei, cells, dist, dab = _cell_with_wavy_membrane()
+    measured = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings(membrane_method="sectors"))
+    skipped = measure_cells(nuclei, cells, dist, dab, dab, 0.5, IntensitySettings(membrane_method="none"))
+    for key, values in skipped.items():
+        if key.startswith("membrane_"):
+            assert np.isnan(values).all(), key
+        else:
+            np.testing.assert_array_equal(values, measured[key], err_msg=key)
+
+
 def test_membrane_sectors_completeness_counts_stained_directions() -> None:
     nuclei, cells, dist, dab = _cell_with_wavy_membrane()
     yy, xx = np.indices(dab.shape) - 20.0
