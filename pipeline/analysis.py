@@ -10,7 +10,8 @@ its own tiles.
 Tiles are read at ``nuclei.requested_pixel_size_um`` with a margin; a cell
 belongs to the tile whose core holds its centroid, so a cell on a seam is
 counted once. Only tiles with at least ``tissue.min_tile_tissue`` tissue are
-read.
+read, and of a tile at the edge of the tissue only the bounding box of its
+tissue (by the tissue mask) grown by ``tiling.margin_um``.
 """
 
 from __future__ import annotations
@@ -189,7 +190,6 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
         "pixel_keys": keys,
         "pixel_counts": counts,
         "timings": {"read": t1 - t0, "deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
-        "pixels": w * h,
     }
 
 
@@ -278,7 +278,9 @@ def analyse(
     args = (settings, stains, background, tissue.mpp, tissue.mask.shape)
     if settings.nuclei.model is not None:
         NucleusModel(settings.nuclei, stains)  # refuse a bad model file here, not in every worker
-    blocks = tile_blocks(cores, grid.tile_size)
+    # Of a tile at the tissue's edge only the part around its tissue is read and
+    # scored (cells further than a margin from the tissue mask are not counted).
+    blocks = tile_blocks([tissue.tissue_bounds(c, mpp, settings.tiling.margin_um) for c in cores], grid.tile_size)
     outputs: list[dict[str, Any]] = []
     parts: Any
     pool = None
@@ -304,7 +306,9 @@ def analyse(
     timings["tiles"] = time.perf_counter() - t
     for key in ("read", "deconvolution", "cells", "measure"):
         timings[f"tiles_{key}_cpu"] = float(sum(o["timings"][key] for o in outputs))
-    tissue_mpx = sum(o["pixels"] for o in outputs) / 1e6
+    # What was scored: the tiles' area, and the tissue in them (by the tissue mask).
+    tiles_mpx = sum(c[2] * c[3] for c in cores) / 1e6
+    tissue_mpx = sum(fractions[c[1] // grid.tile_size, c[0] // grid.tile_size] * c[2] * c[3] for c in cores) / 1e6
 
     cells = _concat_cells([o["cells"] for o in outputs])
     flat_hist = np.zeros(tissue.mask.size * 4, np.int64)
@@ -361,6 +365,7 @@ def analyse(
     alerts = scoring.alerts(settings.scores.kind, tumour_fraction, int(tum.sum()), tissue_area, scores, settings.scores)
     timings["scoring"] = time.perf_counter() - t
     timings["tissue_mpx"] = tissue_mpx
+    timings["tiles_mpx"] = tiles_mpx
     described = slide.describe()
     described.pop("levels", None)
     return SlideResult(

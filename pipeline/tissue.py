@@ -12,6 +12,7 @@ holes: they are not tissue.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,27 @@ class TissueMask:
             s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
             out[y // grid.tile_size, x // grid.tile_size] = s / area
         return out
+
+    def tissue_bounds(self, core: tuple[int, int, int, int], mpp: float, pad_um: float) -> tuple[int, int, int, int]:
+        """The part of a tile core ``(x, y, width, height)`` (px at ``mpp``) that
+        holds tissue: the bounding box of the mask's tissue pixels under it,
+        grown by ``pad_um`` and clipped to the core (the whole core when it has
+        no tissue pixel)."""
+        x, y, cw, ch = core
+        scale = mpp / self.mpp
+        h, w = self.mask.shape
+        x0, y0 = min(w, int(x * scale)), min(h, int(y * scale))
+        x1, y1 = min(w, max(x0 + 1, math.ceil((x + cw) * scale))), min(h, max(y0 + 1, math.ceil((y + ch) * scale)))
+        under = self.mask[y0:y1, x0:x1]
+        rows, cols = np.flatnonzero(under.any(axis=1)), np.flatnonzero(under.any(axis=0))
+        if rows.size == 0:
+            return core
+        pad = pad_um / mpp
+        left = max(x, math.floor((x0 + cols[0]) / scale - pad))
+        top = max(y, math.floor((y0 + rows[0]) / scale - pad))
+        right = min(x + cw, math.ceil((x0 + cols[-1] + 1) / scale + pad))
+        bottom = min(y + ch, math.ceil((y0 + rows[-1] + 1) / scale + pad))
+        return left, top, right - left, bottom - top
 
 
 def detect_tissue(slide: Slide, settings: TissueSettings, background: float = 255.0) -> TissueMask:

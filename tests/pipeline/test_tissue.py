@@ -37,3 +37,17 @@ def test_tile_fractions() -> None:
     f = tm.tile_fractions(grid)
     assert f.tolist() == [[1.0, 0.0], [0.0, 0.0]]
     assert tm.area_mm2 == 25 * (8 / 1000) ** 2
+
+
+def test_tissue_bounds_cut_an_edge_tile_to_its_tissue() -> None:
+    # Mask at 8 µm/px: a tile of 256 px at 0.5 µm/px spans 16 × 16 mask pixels.
+    mask = np.zeros((32, 32), bool)
+    mask[2:4, 5:7] = True  # in the first tile: x 80..112 px, y 32..64 px
+    mask[16:32, 16:32] = True  # the whole of the last tile
+    tissue = TissueMask(mask=mask, mpp=8.0, threshold_od=0.1)
+    # Grown by 4 µm = 8 px on each side, clipped to the core.
+    assert tissue.tissue_bounds((0, 0, 256, 256), 0.5, 4.0) == (72, 24, 48, 48)
+    assert tissue.tissue_bounds((0, 0, 256, 256), 0.5, 100.0) == (0, 0, 256, 256)
+    assert tissue.tissue_bounds((256, 256, 256, 256), 0.5, 4.0) == (256, 256, 256, 256)
+    # No tissue under the tile: the whole core (it was chosen for a reason).
+    assert tissue.tissue_bounds((256, 0, 256, 256), 0.5, 4.0) == (256, 0, 256, 256)
