@@ -6,7 +6,8 @@
 
 Prints, from one run: the JPEG decode rate of the slide's own tiles (the
 ceiling), each stage's MP/s of tiles per core, end-to-end MP/s of tissue
-(tissue by the tissue mask; tiles with at least 1 % of it are scored whole)
+(tissue by the tissue mask; tiles with at least 1 % of it are scored, at the
+edge of the tissue only around it)
 and of tiles, a naive scikit-image watershed on a sample of the same tiles
 and the ratios, and the peak RSS. The last line is one JSON object.
 """

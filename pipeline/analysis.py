@@ -306,7 +306,8 @@ def analyse(
     timings["tiles"] = time.perf_counter() - t
     for key in ("read", "deconvolution", "cells", "measure"):
         timings[f"tiles_{key}_cpu"] = float(sum(o["timings"][key] for o in outputs))
-    # What was scored: the tiles' area, and the tissue in them (by the tissue mask).
+    # The tissue tiles' whole area (cores, before edge tiles are cut to their
+    # tissue) and the tissue in them (by the tissue mask).
     tiles_mpx = sum(c[2] * c[3] for c in cores) / 1e6
     tissue_mpx = sum(fractions[c[1] // grid.tile_size, c[0] // grid.tile_size] * c[2] * c[3] for c in cores) / 1e6
 
