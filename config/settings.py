@@ -74,6 +74,13 @@ class TilingSettings(_Frozen):
     tile_size: int = Field(512, ge=64, le=4096)
     margin_um: float = Field(16.0, ge=0, description="context read around each tile; cells are owned by centre")
     workers: int = Field(0, ge=0, le=64, description="processes; 0 = number of CPU cores")
+    group_tiles: int = Field(
+        2,
+        ge=1,
+        le=4,
+        description="find cells on groups of up to N×N neighbouring tissue tiles at once, so they share one "
+        "margin (2: 13 % of the pixels read are margin instead of 27 %); 1 = every tile on its own",
+    )
 
 
 class NucleiSettings(_Frozen):

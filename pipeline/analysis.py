@@ -11,7 +11,8 @@ Tiles are read at ``nuclei.requested_pixel_size_um`` with a margin; a cell
 belongs to the tile whose core holds its centroid, so a cell on a seam is
 counted once. Only tiles with at least ``tissue.min_tile_tissue`` tissue are
 read, and of a tile at the edge of the tissue only the bounding box of its
-tissue (by the tissue mask) grown by ``tiling.margin_um``.
+tissue (by the tissue mask) grown by ``tiling.margin_um``; aligned groups of
+``tiling.group_tiles``² tissue tiles are read and scored as one region.
 """
 
 from __future__ import annotations
@@ -135,7 +136,33 @@ def _process_block(cores: list[tuple[int, int, int, int]]) -> list[dict[str, Any
     return [process_tile(_CTX, c) for c in cores]
 
 
-def tile_blocks(cores: list[tuple[int, int, int, int]], tile_size: int) -> list[list[tuple[int, int, int, int]]]:
+def group_tiles(cores: list[tuple[int, int, int, int]], tile_size: int, n: int) -> list[tuple[int, int, int, int]]:
+    """Merge each aligned n×n group of tiles that are all in ``cores`` into one
+    region, read and scored at once with one margin around it; tiles of
+    incomplete groups stay on their own. Cells are still owned by the region
+    that holds their centroid, so a cell on a seam is counted once, and one
+    inside a group sees its whole neighbourhood. Regions keep raster order
+    of their first tile."""
+    if n <= 1:
+        return list(cores)
+    at = {(c[1] // tile_size, c[0] // tile_size): c for c in cores}
+    out: list[tuple[int, int, int, int]] = []
+    for (row, col), c in sorted(at.items()):
+        r0, c0 = row - row % n, col - col % n
+        members = [at.get((r, k)) for r in range(r0, r0 + n) for k in range(c0, c0 + n)]
+        whole = all(m is not None for m in members)
+        if not whole:
+            out.append(c)
+        elif (row, col) == (r0, c0):
+            last = members[-1]
+            assert last is not None
+            out.append((c[0], c[1], last[0] + last[2] - c[0], last[1] + last[3] - c[1]))
+    return out
+
+
+def tile_blocks(
+    cores: list[tuple[int, int, int, int]], tile_size: int, tiles: int | None = None
+) -> list[list[tuple[int, int, int, int]]]:
     """Group tiles into square blocks of up to 8×8, one block a task.
 
     A tile's margin reaches into its neighbours, so each source tile is read
@@ -146,11 +173,13 @@ def tile_blocks(cores: list[tuple[int, int, int, int]], tile_size: int) -> list[
     smaller on small slides (at least 32 blocks where there are 32 tiles)
     so that every worker has several. The layout does not depend on the
     number of workers, so neither does the order of the cells. Blocks and
-    the tiles in each keep raster order.
+    the tiles in each keep raster order. ``cores`` may be groups of tiles
+    (:func:`group_tiles`); ``tiles`` is then how many tiles they hold, which
+    sizes the blocks.
     """
     if not cores:
         return []
-    side = max(1, min(8, math.isqrt(len(cores) // 32)))
+    side = max(1, min(8, math.isqrt((len(cores) if tiles is None else tiles) // 32)))
     blocks: dict[tuple[int, int], list[tuple[int, int, int, int]]] = {}
     for c in cores:
         blocks.setdefault((c[1] // tile_size // side, c[0] // tile_size // side), []).append(c)
@@ -280,7 +309,10 @@ def analyse(
         NucleusModel(settings.nuclei, stains)  # refuse a bad model file here, not in every worker
     # Of a tile at the tissue's edge only the part around its tissue is read and
     # scored (cells further than a margin from the tissue mask are not counted).
-    blocks = tile_blocks([tissue.tissue_bounds(c, mpp, settings.tiling.margin_um) for c in cores], grid.tile_size)
+    units = group_tiles(cores, grid.tile_size, settings.tiling.group_tiles)
+    blocks = tile_blocks(
+        [tissue.tissue_bounds(u, mpp, settings.tiling.margin_um) for u in units], grid.tile_size, len(cores)
+    )
     outputs: list[dict[str, Any]] = []
     parts: Any
     pool = None

@@ -15,7 +15,7 @@ from adapter.synth import SynthOutput
 from config.errors import SlideReadError
 from config.settings import IntensitySettings, load_settings
 from dicom_io import open_slide
-from pipeline.analysis import SlideResult, analyse, pixel_class_counts, tile_blocks
+from pipeline.analysis import SlideResult, analyse, group_tiles, pixel_class_counts, tile_blocks
 from pipeline.nuclei import intensity_class
 from pipeline.segmentation import TUMOUR
 
@@ -122,6 +122,27 @@ def test_tile_blocks_cover_every_tile_once_in_square_blocks() -> None:
     assert tile_blocks([], 512) == []
 
 
+def test_group_tiles_merges_only_complete_aligned_groups() -> None:
+    # A 5×3 slide whose last column is 100 px wide; tile (1, 3) has no tissue.
+    widths = [512, 512, 512, 512, 100]
+    cores = [(x * 512, y * 512, widths[x], 512) for y in range(3) for x in range(5) if (x, y) != (3, 1)]
+    units = group_tiles(cores, 512, 2)
+    assert (0, 0, 1024, 1024) in units  # tiles (0..1, 0..1)
+    # (2..3, 0..1) lacks (3, 1): its three tiles stay single; the edge column and the last row too.
+    assert {(1024, 0, 512, 512), (1536, 0, 512, 512), (1024, 512, 512, 512)} <= set(units)
+    assert (2048, 0, 100, 512) in units and (0, 1024, 512, 512) in units
+    # Every tile is covered exactly once.
+    covered = sorted(
+        (x, y) for ux, uy, uw, uh in units for y in range(uy, uy + uh, 512) for x in range(ux, ux + uw, 512)
+    )
+    assert covered == sorted((c[0], c[1]) for c in cores)
+    assert group_tiles(cores, 512, 1) == cores
+    # Blocks are sized by the tiles the groups hold, not by the number of groups.
+    big = [(x * 512, y * 512, 512, 512) for y in range(64) for x in range(64)]
+    merged = group_tiles(big, 512, 2)
+    assert len(merged) == 1024 and max(len(b) for b in tile_blocks(merged, 512, len(big))) == 16
+
+
 @pytest.mark.parametrize(
     ("compartment", "single", "origin"),
     [
@@ -159,3 +180,20 @@ def test_a_cut_dicom_series_is_refused_by_the_workers_with_its_reason(small_slid
     opener = functools.partial(open_slide, cut)
     with opener() as slide, pytest.raises(SlideReadError, match=r"cut: cannot decode level 0"):
         analyse(slide, load_settings("ki67", ["tiling.workers=2"]), opener=opener)
+
+
+def test_grouped_tiles_find_the_cells_single_tiles_find(accuracy_slides: dict[str, SynthOutput]) -> None:
+    out = accuracy_slides["typical"]
+    assert out.ome_tiff
+    with open_slide(out.ome_tiff) as slide:
+        single = analyse(slide, load_settings("ki67", ["tiling.workers=1", "tiling.group_tiles=1"]))
+        grouped = analyse(slide, load_settings("ki67", ["tiling.workers=1", "tiling.group_tiles=2"]))
+    a = np.stack([single.cells["x_um"], single.cells["y_um"]], 1)
+    b = np.stack([grouped.cells["x_um"], grouped.cells["y_um"]], 1)
+    d, _ = cKDTree(a).query(b)
+    # The same cells, each once (none doubled or lost on the seams inside a group) ...
+    assert abs(len(a) - len(b)) <= 0.005 * len(a)
+    assert (d < 0.5).mean() > 0.99
+    # ... and the same scores.
+    for c in ("tumour", "stroma", "tissue"):
+        assert grouped.compartment_stats[c]["h_score"] == pytest.approx(single.compartment_stats[c]["h_score"], abs=1.0)
