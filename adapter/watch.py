@@ -26,7 +26,7 @@ from watchdog.observers import Observer
 
 from adapter.scp import durable_copy
 from config.service import WatchConfig
-from dicom_io.wsi_reader import is_dicom_file
+from dicom_io.sniff import is_dicom_file
 
 log = logging.getLogger(__name__)
 

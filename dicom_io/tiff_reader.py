@@ -15,15 +15,12 @@ from typing import Any
 
 import numpy as np
 import tifffile
-import zarr
 from ome_types import from_xml
 
 from config.errors import SlideReadError
 from pipeline.slide import Level, Slide
 
 log = logging.getLogger(__name__)
-
-TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 #: Factor from an OME length unit to micrometres.
 _UM_PER_UNIT = {
@@ -35,14 +32,6 @@ _UM_PER_UNIT = {
     "cm": 1e4,
     "m": 1e6,
 }
-
-
-def is_tiff_file(path: Path) -> bool:
-    try:
-        with path.open("rb") as fh:
-            return fh.read(4) in TIFF_MAGICS
-    except OSError:
-        return False
 
 
 def parse_aperio_description(description: str) -> dict[str, str]:
@@ -158,7 +147,7 @@ class TiffSlide(Slide):
         if not (file_mpp[0] > 0 and file_mpp[1] > 0):
             raise SlideReadError(path, f"invalid pixel size {file_mpp} µm/px")
 
-        self._arrays: list[zarr.Array] = []
+        self._arrays: dict[int, Any] = {}  # zarr arrays, opened when a level needs them
         self._axes: list[str] = []
         self._pages: list[tifffile.TiffPage | None] = []
         # Neighbouring analysis tiles (with margins) share source tiles: keep recent ones decoded.
@@ -180,11 +169,6 @@ class TiffSlide(Slide):
             _check_complete(path, lvl.pages, file_size)
             width, height = shape["X"], shape["Y"]
             base_w, base_h = base_w or width, base_h or height
-            store = series.aszarr(level=i)
-            array = zarr.open(store, mode="r")
-            if not isinstance(array, zarr.Array):
-                raise SlideReadError(path, f"level {i} is not a single image array")
-            self._arrays.append(array)
             self._axes.append(axes)
             # Direct tile decoding for the common layout (tiled, interleaved RGB, one plane).
             direct = page.is_tiled and page.planarconfig == 1 and len(lvl.pages) == 1 and axes.endswith("YXS")
@@ -212,7 +196,7 @@ class TiffSlide(Slide):
                 raise
             except Exception as exc:
                 raise SlideReadError(self.path, f"cannot decode level {level.index} at ({x}, {y}): {exc}") from exc
-        arr, axes = self._arrays[level.index], self._axes[level.index]
+        arr, axes = self._zarr_level(level.index), self._axes[level.index]
         index: list[slice | int] = []
         for ax in axes:
             if ax == "Y":
@@ -232,6 +216,18 @@ class TiffSlide(Slide):
         if data.dtype != np.uint8:
             raise SlideReadError(self.path, f"unsupported sample type {data.dtype}; expected 8-bit RGB")
         return np.ascontiguousarray(data)
+
+    def _zarr_level(self, index: int) -> Any:
+        """Level ``index`` as a zarr array, for layouts :meth:`_read_tiles` does not
+        decode itself (zarr is imported only then: it takes ~0.2 s)."""
+        if index not in self._arrays:
+            import zarr
+
+            array = zarr.open(self._tif.series[0].aszarr(level=index), mode="r")
+            if not isinstance(array, zarr.Array):
+                raise SlideReadError(self.path, f"level {index} is not a single image array")
+            self._arrays[index] = array
+        return self._arrays[index]
 
     def _read_tiles(self, page: tifffile.TiffPage, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Read and decode only the tiles under the region (zarr's async layer costs ~3× the decode)."""

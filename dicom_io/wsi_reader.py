@@ -19,22 +19,13 @@ from pydicom.uid import UID
 from wsidicom import WsiDicom
 
 from config.errors import SlideReadError
+from dicom_io.sniff import is_dicom_file
 from pipeline.slide import Level, Slide
 
 log = logging.getLogger(__name__)
 
 #: VL Whole Slide Microscopy Image Storage.
 WSI_SOP_CLASS = UID("1.2.840.10008.5.1.4.1.1.77.1.6")
-
-
-def is_dicom_file(path: Path) -> bool:
-    """True when ``path`` has the DICOM Part 10 preamble and ``DICM`` prefix."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _patient_value(value: Any) -> Any:

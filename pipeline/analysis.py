@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import time
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from config.settings import IntensitySettings, Settings
+from config.settings import IntensitySettings, NucleiSettings, Settings
 from pipeline import kernels, scoring
 from pipeline.allocator import keep_freed_memory
 from pipeline.nuclei import (
@@ -97,7 +98,7 @@ class SlideResult:
 
 @dataclass
 class _TileContext:
-    slide: Slide
+    slide: Slide | None  # None: :func:`score_region` only
     settings: Settings
     stains: StainMatrix
     background: Background
@@ -123,10 +124,13 @@ def _init_worker(
 ) -> None:
     global _CTX  # one context per worker process
     import cv2
-    import torch
 
-    torch.set_num_threads(1)  # one worker per core: no nested thread pools
+    # One worker per core: no nested thread pools.
     cv2.setNumThreads(1)
+    if settings.nuclei.model is not None:  # torch is loaded only to run a model
+        import torch
+
+        torch.set_num_threads(1)
     keep_freed_memory()  # reuse each tile's memory for the next one (pipeline.allocator)
     _CTX = _TileContext(opener(), settings, stains, background, tissue_mpp, tissue_shape)
 
@@ -188,12 +192,22 @@ def tile_blocks(
 
 def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str, Any]:
     """Read one tile with its margin, find and measure its cells."""
-    s = ctx.settings
-    mpp = s.nuclei.requested_pixel_size_um
-    margin = int(np.ceil(s.tiling.margin_um / mpp))
+    assert ctx.slide is not None
+    mpp = ctx.settings.nuclei.requested_pixel_size_um
+    margin = int(np.ceil(ctx.settings.tiling.margin_um / mpp))
     x, y, w, h = core
     t0 = time.perf_counter()
     pixels, _ = ctx.slide.read_at_mpp(mpp, x - margin, y - margin, w + 2 * margin, h + 2 * margin)
+    out = score_region(ctx, pixels, core, margin)
+    out["timings"]["read"] = time.perf_counter() - t0 - sum(out["timings"].values())
+    return out
+
+
+def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, int, int], margin: int) -> dict[str, Any]:
+    """Cells and pixel classes of ``core`` from its pixels read with ``margin`` around it."""
+    s = ctx.settings
+    mpp = s.nuclei.requested_pixel_size_um
+    x, y, w, h = core
     t1 = time.perf_counter()
     h_od, dab_od = stain_planes(pixels, ctx.stains, ctx.background)
     od_sum = rgb_to_od(pixels, ctx.background).sum(axis=-1) if s.nuclei.detection_image == "od_sum" else h_od
@@ -218,8 +232,36 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
         "cells": cells,
         "pixel_keys": keys,
         "pixel_counts": counts,
-        "timings": {"read": t1 - t0, "deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
+        "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }
+
+
+def warm_up() -> int:
+    """Score a small synthetic region once with each way of reading membranes,
+    so that every compiled kernel the tile workers call is loaded (from
+    numba's disk cache, or compiled) in this process. Returns the number of
+    cells found (two nuclei on each pass).
+
+    The workers' fork server runs this (:mod:`pipeline.prewarm`): each worker
+    forked from it then starts with the kernels instead of loading them
+    itself, about 0.3 s a worker.
+    """
+    stains = StainMatrix()
+    mpp = NucleiSettings().requested_pixel_size_um
+    yy, xx = np.mgrid[:96, :96].astype(np.float64)
+    conc = np.zeros((96, 96, 3))
+    # Two touching nuclei (one piece split at two peaks), brown rims around them.
+    for cy, cx in ((44.0, 40.0), (52.0, 56.0)):
+        r2 = ((yy - cy) ** 2 + (xx - cx) ** 2) * mpp * mpp
+        conc[..., 0] += 0.8 * np.exp(-r2 / 8.0)
+        conc[..., 1] += 0.3 * np.exp(-((np.sqrt(r2) - 5.0) ** 2))
+    pixels = np.clip(stains.concentrations_to_rgb(conc), 0, 255).astype(np.uint8)
+    found = 0
+    for method in ("sectors", "ring"):
+        settings = Settings(intensity=IntensitySettings(membrane_method=method))
+        ctx = _TileContext(None, settings, stains, 255.0, 8 * mpp, (2, 2))
+        found += len(score_region(ctx, pixels, (16, 16, 64, 64), 16)["cells"]["x_um"])
+    return found
 
 
 def pixel_class_counts(
@@ -284,6 +326,8 @@ def analyse(
 ) -> SlideResult:
     """Run the whole pipeline on ``slide``."""
     timings: dict[str, float] = {}
+    workers = settings.tiling.workers or (os.cpu_count() or 1)
+    context = _worker_context(opener) if workers > 1 and opener is not None else None
     t = time.perf_counter()
     tissue = detect_tissue(slide, settings.tissue)
     background = _background(settings, tissue)
@@ -302,7 +346,6 @@ def analyse(
     timings["stain_estimation"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    workers = settings.tiling.workers or (os.cpu_count() or 1)
     workers = min(workers, max(1, len(cores)))
     args = (settings, stains, background, tissue.mpp, tissue.mask.shape)
     if settings.nuclei.model is not None:
@@ -313,28 +356,27 @@ def analyse(
     blocks = tile_blocks(
         [tissue.tissue_bounds(u, mpp, settings.tiling.margin_um) for u in units], grid.tile_size, len(cores)
     )
-    outputs: list[dict[str, Any]] = []
+    # Biggest blocks first, so that the last ones, which one worker may finish
+    # while the other waits, are small; results are put back in raster order.
+    order = sorted(range(len(blocks)), key=lambda i: -sum(c[2] * c[3] for c in blocks[i]))
     parts: Any
     pool = None
-    if workers > 1 and opener is not None:
-        # Workers come from a fork server, not a fork of this process: forking a
-        # process whose OpenCV/torch thread pools (or a service's threads) are
-        # running can deadlock the child.
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload(["pipeline.analysis"])
+    if context is not None and opener is not None and workers > 1:
         pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(opener, *args))
-        parts = pool.map(_process_block, blocks)
+        parts = pool.map(_process_block, [blocks[i] for i in order])
     else:
         ctx = _TileContext(slide, *args)
-        parts = ([process_tile(ctx, c) for c in block] for block in blocks)
+        parts = ([process_tile(ctx, c) for c in blocks[i]] for i in order)
+    done: list[list[dict[str, Any]]] = [[] for _ in blocks]
     try:
         with tqdm(total=len(cores), unit="tile", desc="scoring", disable=not progress) as bar:
-            for part in parts:
-                outputs.extend(part)
+            for i, part in zip(order, parts, strict=True):
+                done[i] = part
                 bar.update(len(part))
     finally:
         if pool is not None:
             pool.shutdown()
+    outputs = [o for part in done for o in part]
     timings["tiles"] = time.perf_counter() - t
     for key in ("read", "deconvolution", "cells", "measure"):
         timings[f"tiles_{key}_cpu"] = float(sum(o["timings"][key] for o in outputs))
@@ -344,10 +386,8 @@ def analyse(
     tissue_mpx = sum(fractions[c[1] // grid.tile_size, c[0] // grid.tile_size] * c[2] * c[3] for c in cores) / 1e6
 
     cells = _concat_cells([o["cells"] for o in outputs])
-    flat_hist = np.zeros(tissue.mask.size * 4, np.int64)
-    for o in outputs:
-        np.add.at(flat_hist, o["pixel_keys"], o["pixel_counts"])
-    pixel_hist = flat_hist.reshape((*tissue.mask.shape, 4))
+    pixel_keys = np.concatenate([np.zeros(0, np.int64), *(o["pixel_keys"] for o in outputs)])
+    pixel_counts = np.concatenate([np.zeros(0, np.int64), *(o["pixel_counts"] for o in outputs)])
 
     t = time.perf_counter()
     if settings.segmentation.method == "model":
@@ -372,20 +412,23 @@ def analyse(
     tumour_area = compartments.area_mm2(TUMOUR)
     tumour_fraction = tumour_area / tissue_area if tissue_area > 0 else 0.0
     stats: dict[str, dict[str, Any]] = {}
-    # Pixel classes were counted on the tissue-mask grid: read the map at those cells' centres.
+    # Pixel classes were counted on the tissue-mask grid: read the map at those
+    # cells' centres and total the classes per compartment label.
     step = max(1, round(tissue.mpp / compartments.mpp))
-    on_tissue_grid = compartments.labels[step // 2 :: step, step // 2 :: step][
-        : pixel_hist.shape[0], : pixel_hist.shape[1]
-    ]
+    on_tissue_grid = compartments.labels[step // 2 :: step, step // 2 :: step]
+    grid_cell, pixel_class = np.divmod(pixel_keys, 4)
+    grid_label = on_tissue_grid[np.divmod(grid_cell, tissue.mask.shape[1])].astype(np.int64)
+    n_labels = max(len(CLASS_NAMES), int(compartments.labels.max(initial=0)) + 1)
+    per_label = np.bincount(grid_label * 4 + pixel_class, weights=pixel_counts, minlength=n_labels * 4)
+    pixels_by_label = np.rint(per_label).astype(np.int64).reshape(n_labels, 4)
     for name, sel, pix in (
         ("tumour", cells["compartment"] == TUMOUR, (TUMOUR,)),
         ("stroma", cells["compartment"] == STROMA, (STROMA,)),
         ("tissue", np.isin(cells["compartment"], (TUMOUR, STROMA)), (TUMOUR, STROMA)),
     ):
         area = sum(compartments.area_mm2(label) for label in pix)
-        in_compartment = np.isin(on_tissue_grid, pix)
         stats[name] = scoring.compartment_summary(
-            cells["intensity_class"][sel], area, pixel_hist[in_compartment].sum(axis=0)
+            cells["intensity_class"][sel], area, pixels_by_label[list(pix)].sum(axis=0)
         )
     tum = cells["compartment"] == TUMOUR
     scores = scoring.profile_scores(
@@ -422,6 +465,27 @@ def analyse(
         },
         timings=timings,
     )
+
+
+def _worker_context(opener: SlideOpener) -> multiprocessing.context.ForkServerContext:
+    """The tile workers' process context, its fork server started now.
+
+    Workers come from a fork server, not a fork of this process: forking a
+    process whose OpenCV/torch thread pools (or a service's threads) are
+    running can deadlock the child. The server imports the pipeline, the
+    opener's module (the slide backend) and :mod:`pipeline.prewarm` (the
+    compiled kernels) once, while this process detects the tissue; workers
+    forked from it start ready. A server already running (an earlier slide in
+    this process) is reused.
+    """
+    context = multiprocessing.get_context("forkserver")
+    modules = ["pipeline.analysis"]
+    backend = getattr(getattr(opener, "func", opener), "__module__", None)
+    if isinstance(backend, str) and backend != "__main__":
+        modules.append(backend)
+    context.set_forkserver_preload([*modules, "pipeline.prewarm"])
+    multiprocessing.forkserver.ensure_running()
+    return context
 
 
 def _concat_cells(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

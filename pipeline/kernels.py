@@ -390,6 +390,18 @@ def trim_and_filter(
 
 
 @numba.njit(cache=_CACHE, nogil=True)
+def label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Maximum of flat ``values`` per flat label 1..n (-inf where a label has
+    no pixel; label 0 and labels above n are ignored)."""
+    out = np.full(n + 1, -np.inf)
+    for i in range(values.size):
+        k = labels[i]
+        if 0 < k <= n and values[i] > out[k]:
+            out[k] = values[i]
+    return out[1:]
+
+
+@numba.njit(cache=_CACHE, nogil=True)
 def class_counts_on_grid(
     nuclei: np.ndarray,
     cells: np.ndarray,

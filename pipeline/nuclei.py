@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-import torch
 from scipy import ndimage
 
 from config.errors import ConfigError
@@ -238,15 +237,15 @@ def membrane_sectors(peak: np.ndarray, threshold: float) -> tuple[np.ndarray, np
 def label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
     """Maximum of ``values`` per label 1..n (-inf where a label has no pixel), in O(pixels).
 
-    scipy's ``ndimage.maximum`` sorts all pixels; torch's scatter-reduce does not.
+    scipy's ``ndimage.maximum`` sorts all pixels; this is one pass (:func:`pipeline.kernels.label_max`).
     """
     if n == 0:
         return np.zeros(0)
-    out = torch.full((n + 1,), -torch.inf, dtype=torch.float32)
-    idx = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64).ravel())
-    src = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).ravel())
-    out.scatter_reduce_(0, idx, src, reduce="amax")
-    return out[1:].numpy().astype(np.float64)
+    return kernels.label_max(
+        np.ascontiguousarray(values, dtype=np.float32).ravel(),
+        np.ascontiguousarray(labels, dtype=np.int64).ravel(),
+        n,
+    )
 
 
 def measure_cells(
@@ -339,6 +338,8 @@ class NucleusModel:
 
     def probability(self, rgb: np.ndarray, background: Background) -> np.ndarray:
         """Nucleus probability of every pixel of an ``(H, W, 3)`` tile."""
+        import torch  # only with a model: tile workers without one never load torch
+
         s = self.settings
         arr = model_input(rgb, s.model_channels, self.stains, background)
         inp = torch.from_numpy(arr).permute(2, 0, 1)[None].contiguous().to(self.device)

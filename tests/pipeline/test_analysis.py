@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,3 +200,45 @@ def test_grouped_tiles_find_the_cells_single_tiles_find(accuracy_slides: dict[st
     # ... and the same scores.
     for c in ("tumour", "stroma", "tissue"):
         assert grouped.compartment_stats[c]["h_score"] == pytest.approx(single.compartment_stats[c]["h_score"], abs=1.0)
+
+
+_WARM_UP_CHECK = """
+import json, sys
+import numba
+from config.settings import load_settings
+from dicom_io import open_slide
+from pipeline import kernels
+from pipeline.analysis import _TileContext, process_tile, warm_up
+from pipeline.stains import StainMatrix
+
+def compiled():
+    kinds = numba.core.dispatcher.Dispatcher
+    return {name: len(f.signatures) for name, f in vars(kernels).items() if isinstance(f, kinds)}
+
+found = warm_up()
+warm = compiled()
+with open_slide(sys.argv[1]) as slide:
+    for profile, method in (("ki67", "none"), ("her2", "sectors"), ("hscore", "ring")):
+        settings = load_settings(profile, [f"intensity.membrane_method={method}"])
+        process_tile(_TileContext(slide, settings, StainMatrix(), 255.0, 8.0, (200, 200)), (0, 0, 512, 512))
+print(json.dumps({"found": found, "warm": warm, "after_tiles": compiled()}))
+"""
+
+
+def test_warm_up_loads_every_kernel_a_tile_worker_calls(small_slide: SynthOutput) -> None:
+    """The fork server's warm-up (pipeline.prewarm) must leave nothing for a
+    worker to compile: real tiles of every membrane method add no signature."""
+    assert small_slide.ome_tiff
+    run = subprocess.run(
+        [sys.executable, "-c", _WARM_UP_CHECK, str(small_slide.ome_tiff)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert report["found"] == 4
+    assert report["after_tiles"] == report["warm"]
+    for name in ("cell_stats", "sector_peaks", "nearest_labels", "split_at_peaks", "trim_and_filter"):
+        assert report["warm"][name] >= 1, name
+    assert report["warm"]["class_counts_on_grid"] >= 1 and report["warm"]["label_max"] >= 1

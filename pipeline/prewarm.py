@@ -1,0 +1,16 @@
+"""Imported by the tile workers' fork server, once (see :func:`pipeline.analysis.analyse`).
+
+Importing this module scores a small synthetic region
+(:func:`pipeline.analysis.warm_up`), which loads every compiled kernel into
+the fork server; each worker forked from it starts with them instead of
+loading them itself. OpenCV is held to one thread first: a process is
+only safe to fork while it has no thread pool running (torch is not
+loaded here at all). Nothing else imports this module.
+"""
+
+import cv2
+
+from pipeline.analysis import warm_up
+
+cv2.setNumThreads(1)
+CELLS_FOUND = warm_up()
