@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.stains import StainMatrix, angle_deg, deconvolve, estimate_macenko, rgb_to_od
+from pipeline.stains import StainMatrix, angle_deg, deconvolve, estimate_macenko, rgb_to_od, stain_planes
 
 
 def test_deconvolution_recovers_painted_concentrations() -> None:
@@ -17,6 +17,18 @@ def test_deconvolution_recovers_painted_concentrations() -> None:
     # 8-bit quantisation limits the precision at high OD.
     assert np.abs(out[..., 0] - conc[..., 0]).mean() < 0.01
     assert np.abs(out[..., 1] - conc[..., 1]).mean() < 0.01
+
+
+@pytest.mark.parametrize("background", [255.0, (240.0, 230.0, 250.0)])
+def test_stain_planes_are_the_deconvolution_h_and_dab(background: float | tuple[float, float, float]) -> None:
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    stains = StainMatrix(hematoxylin=(0.55, 0.75, 0.37), dab=(0.3, 0.52, 0.8))
+    full = deconvolve(rgb, stains, background)
+    h, dab = stain_planes(rgb, stains, background)
+    assert h.dtype == dab.dtype == np.float32 and h.shape == dab.shape == (37, 53)
+    assert np.abs(h - full[..., 0]).max() < 1e-5
+    assert np.abs(dab - full[..., 1]).max() < 1e-5
 
 
 def test_od_of_white_is_zero_and_background_is_per_channel() -> None:
