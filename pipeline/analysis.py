@@ -327,7 +327,7 @@ def analyse(
     """Run the whole pipeline on ``slide``."""
     timings: dict[str, float] = {}
     workers = settings.tiling.workers or (os.cpu_count() or 1)
-    context = _worker_context(opener) if workers > 1 and opener is not None else None
+    context = _worker_context(opener, slide) if workers > 1 and opener is not None else None
     t = time.perf_counter()
     tissue = detect_tissue(slide, settings.tissue)
     background = _background(settings, tissue)
@@ -467,22 +467,23 @@ def analyse(
     )
 
 
-def _worker_context(opener: SlideOpener) -> multiprocessing.context.ForkServerContext:
+def _worker_context(opener: SlideOpener, slide: Slide) -> multiprocessing.context.ForkServerContext:
     """The tile workers' process context, its fork server started now.
 
     Workers come from a fork server, not a fork of this process: forking a
     process whose OpenCV/torch thread pools (or a service's threads) are
     running can deadlock the child. The server imports the pipeline, the
-    opener's module (the slide backend) and :mod:`pipeline.prewarm` (the
-    compiled kernels) once, while this process detects the tissue; workers
-    forked from it start ready. A server already running (an earlier slide in
-    this process) is reused.
+    opener's module and the slide's backend module, and loads the compiled
+    kernels (:mod:`pipeline.prewarm`), once, while this process detects the
+    tissue; workers forked from it start ready. A server already running (an
+    earlier slide in this process) is reused as it is: a slide of another
+    backend than the first one's then has its workers import that backend.
     """
     context = multiprocessing.get_context("forkserver")
     modules = ["pipeline.analysis"]
-    backend = getattr(getattr(opener, "func", opener), "__module__", None)
-    if isinstance(backend, str) and backend != "__main__":
-        modules.append(backend)
+    for module in (getattr(getattr(opener, "func", opener), "__module__", None), type(slide).__module__):
+        if isinstance(module, str) and module != "__main__" and module not in modules:
+            modules.append(module)
     context.set_forkserver_preload([*modules, "pipeline.prewarm"])
     multiprocessing.forkserver.ensure_running()
     return context
