@@ -64,9 +64,8 @@ def _decode_mps(path: Path, tiles: int) -> float | None:
         page = tf.series[0].levels[0].keyframe
         fh = tf.filehandle
         offsets, counts = page.dataoffsets, page.databytecounts
-        pick = np.linspace(len(offsets) // 4, 3 * len(offsets) // 4, min(tiles, len(offsets))).astype(int)
         raw = []
-        for i in pick:
+        for i in _middle_sample(len(offsets), tiles):
             fh.seek(offsets[i])
             raw.append(fh.read(counts[i]))
         t = time.perf_counter()
@@ -78,7 +77,8 @@ def _decode_mps(path: Path, tiles: int) -> float | None:
 
 
 def _dicom_decode_mps(path: Path, tiles: int) -> float | None:
-    """The same for the largest JPEG baseline instance of a DICOM WSI series."""
+    """The same for the largest JPEG baseline instance of a DICOM WSI series
+    (its frames are read one by one from the file, not all into memory)."""
     import imagecodecs
     import pydicom
     from pydicom.encaps import generate_frames
@@ -89,15 +89,23 @@ def _dicom_decode_mps(path: Path, tiles: int) -> float | None:
     levels = [(int(h.get("TotalPixelMatrixColumns", 0)), f) for h, f in headers if h.get("NumberOfFrames")]
     if not levels:
         return None
-    ds = pydicom.dcmread(max(levels)[1])
+    largest = max(levels)[1]
+    ds = pydicom.dcmread(largest, defer_size=1024)
     if ds.file_meta.TransferSyntaxUID != JPEGBaseline8Bit:
         return None
-    frames = list(generate_frames(ds.PixelData, number_of_frames=int(ds.NumberOfFrames)))
-    pick = np.linspace(len(frames) // 4, 3 * len(frames) // 4, min(tiles, len(frames))).astype(int)
-    raw = [frames[i] for i in pick]
+    n = int(ds.NumberOfFrames)
+    wanted = set(_middle_sample(n, tiles).tolist())
+    with largest.open("rb") as fh:
+        fh.seek(ds.get_item("PixelData", keep_deferred=True).value_tell)
+        raw = [frame for i, frame in enumerate(generate_frames(fh, number_of_frames=n)) if i in wanted]
     t = time.perf_counter()
     pixels = sum(imagecodecs.jpeg8_decode(data).shape[0] * int(ds.Columns) for data in raw)
     return pixels / 1e6 / (time.perf_counter() - t)
+
+
+def _middle_sample(count: int, tiles: int) -> np.ndarray:
+    """Up to ``tiles`` indices spread over the middle half of ``count`` tiles (tissue, not glass)."""
+    return np.linspace(count // 4, 3 * count // 4, min(tiles, count)).astype(int)
 
 
 def _baseline(path: Path, mpp: float, tiles: int, tile_size: int) -> float:
@@ -110,8 +118,7 @@ def _baseline(path: Path, mpp: float, tiles: int, tile_size: int) -> float:
     with open_slide(path) as slide:
         grid = slide.grid(mpp, tile_size)
         cores = list(grid.cores())
-        pick = np.linspace(len(cores) // 4, 3 * len(cores) // 4, min(tiles, len(cores))).astype(int)
-        images = [slide.read_at_mpp(mpp, *cores[i])[0] for i in pick]
+        images = [slide.read_at_mpp(mpp, *cores[i])[0] for i in _middle_sample(len(cores), tiles)]
     t = time.perf_counter()
     pixels = 0
     for rgb in images:

@@ -239,8 +239,6 @@ def label_max(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
 
     scipy's ``ndimage.maximum`` sorts all pixels; this is one pass (:func:`pipeline.kernels.label_max`).
     """
-    if n == 0:
-        return np.zeros(0)
     return kernels.label_max(
         np.ascontiguousarray(values, dtype=np.float32).ravel(),
         np.ascontiguousarray(labels, dtype=np.int64).ravel(),
