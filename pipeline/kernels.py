@@ -3,8 +3,8 @@
 Each of these used to be several NumPy passes over a tile (bincount,
 scatter-max, gathers, lookups); each kernel is one pass: per-cell sums and
 maxima, membrane sector peaks, nucleus labels from OpenCV's components and
-distance transforms (split, trimmed, filtered by area), cell labels from the
-nearest-nucleus transform, and pixel classes per tissue-grid cell.
+distance transforms (split, trimmed, filtered by area), cells grown from
+the nuclei by a chamfer distance, and pixel classes per tissue-grid cell.
 
 Compiled code is cached on disk (in ``NUMBA_CACHE_DIR`` where that is set,
 else beside this module or in the user's cache folder), so it is compiled
@@ -148,28 +148,89 @@ def sector_peaks(
     return peak
 
 
-@numba.njit(cache=_CACHE, nogil=True)
-def nearest_labels(nuclei: np.ndarray, nearest: np.ndarray, dist: np.ndarray, max_dist: float) -> np.ndarray:
-    """Each pixel's nearest nucleus label within ``max_dist`` (0 beyond).
+#: Units per pixel of the chamfer distance in :func:`expand_cells` (Borgefors'
+#: 5-7-11 mask: a step across, diagonal or knight's move costs 5, 7 or 11,
+#: i.e. 1, 1.4 and 2.2 px; OpenCV's ``DIST_L2`` 5×5 mask uses 1, 1.4 and 2.1969).
+CHAMFER_UNITS = 5
 
-    ``nearest`` and ``dist`` are OpenCV's ``distanceTransformWithLabels``
-    (``DIST_LABEL_PIXEL``) of the non-nucleus pixels: the index (1, 2, … in
-    raster order) of each pixel's nearest nucleus pixel, and the distance to it.
+
+def expand_cells(nuclei: np.ndarray, max_dist: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's nearest nucleus label within ``max_dist`` px (0 beyond) and
+    its distance to that nucleus, by the 5×5 chamfer distance.
+
+    Distance and label travel together as one integer key (distance in the
+    high bits, label in the low ones), so the two chamfer passes are a
+    minimum over shifted rows, which vectorises; ties go to the smaller
+    label. Distances beyond ``max_dist`` are capped just above it.
     """
+    nuclei = np.ascontiguousarray(nuclei, dtype=np.int32)
+    n = int(nuclei.max(initial=0))
+    max_units = math.floor(max_dist * CHAMFER_UNITS + 1e-6)
+    if max_units < 0:
+        raise ValueError(f"max_dist must be zero or positive, not {max_dist}")
+    bits = max(1, n.bit_length())
+    cap = max_units + 1
+    dtype: type[np.unsignedinteger] = np.uint32
+    if (cap + 11) >> (32 - bits):  # too far or too many labels for 32-bit keys
+        dtype = np.uint64
+        if (cap + 11) >> (64 - bits):
+            raise ValueError(f"max_dist {max_dist} px is too large with {n} nuclei")
+    weights = np.array([cap << bits, 5 << bits, 7 << bits, 11 << bits, (1 << bits) - 1], dtype)
     height, width = nuclei.shape
-    owner = np.zeros(height * width + 1, np.int32)
-    k = 0
+    keys = np.full((height + 4, width + 4), weights[0], dtype)
+    return _chamfer_cells(nuclei, keys, weights, bits, max_units)
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _chamfer_cells(
+    nuclei: np.ndarray, keys: np.ndarray, weights: np.ndarray, bits: int, max_units: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`expand_cells`' two passes; ``keys`` is the image padded by 2 px,
+    all ``far``; ``weights`` are ``far``, the three step costs and the label mask
+    as keys."""
+    height, width = nuclei.shape
+    far, a, b, c, mask = weights[0], weights[1], weights[2], weights[3], weights[4]
+    row = np.empty(width, keys.dtype)
+    # Loops run over unpadded x (so that stores need no negative-index check
+    # and vectorise); p = x + 2 indexes the padded keys.
+    for y in range(height):  # forward: from the two rows above, then along the row
+        up1, up2, cur, labels = keys[y + 1], keys[y], keys[y + 2], nuclei[y]
+        for x in range(width):
+            p = x + 2
+            c1 = min(up1[p - 1] + b, up1[p] + a)
+            c2 = min(up1[p + 1] + b, up1[p - 2] + c)
+            c3 = min(up1[p + 2] + c, up2[p - 1] + c)
+            c4 = min(up2[p + 1] + c, far)
+            row[x] = min(min(c1, c2), min(c3, c4))
+            if labels[x] != 0:
+                row[x] = labels[x]
+        prev = far
+        for x in range(width):
+            prev = min(row[x], prev + a)
+            cur[x + 2] = prev
+    for y in range(height - 1, -1, -1):  # backward: from the two rows below, then back along the row
+        dn1, dn2, cur = keys[y + 3], keys[y + 4], keys[y + 2]
+        for x in range(width):
+            p = x + 2
+            c1 = min(dn1[p + 1] + b, dn1[p] + a)
+            c2 = min(dn1[p - 1] + b, dn1[p + 2] + c)
+            c3 = min(dn1[p - 2] + c, dn2[p + 1] + c)
+            c4 = min(dn2[p - 1] + c, cur[p])
+            row[x] = min(min(c1, c2), min(c3, c4))
+        prev = far
+        for x in range(width - 1, -1, -1):
+            prev = min(row[x], prev + a)
+            cur[x + 2] = prev
+    cells = np.empty((height, width), np.int32)
+    dist = np.empty((height, width), np.float32)
+    scale = np.float32(1.0 / CHAMFER_UNITS)
     for y in range(height):
         for x in range(width):
-            if nuclei[y, x] != 0:
-                k += 1
-                owner[k] = nuclei[y, x]
-    cells = np.zeros((height, width), np.int32)
-    for y in range(height):
-        for x in range(width):
-            if dist[y, x] <= max_dist:
-                cells[y, x] = owner[nearest[y, x]]
-    return cells
+            key = keys[y + 2, x + 2]
+            units = key >> bits
+            dist[y, x] = units * scale
+            cells[y, x] = key & mask if units <= max_units else 0
+    return cells, dist
 
 
 #: :func:`split_at_peaks` finds each pixel's nearest peak by trying every peak

@@ -154,17 +154,14 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
 def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, np.ndarray]:
     """Grow each nucleus by up to ``expansion_px`` into the nearest-nucleus partition.
 
-    Returns the cell labels and each pixel's distance (px) to its nucleus.
+    Returns the cell labels and each pixel's distance (px) to its nucleus, by
+    the 5×5 chamfer distance (:func:`pipeline.kernels.expand_cells`; within
+    0.2 % of the Euclidean along the axes and diagonals, as QuPath's and
+    OpenCV's distance transforms).
     """
     if not nuclei.any():
-        return nuclei.copy(), np.zeros(nuclei.shape, np.float32)
-    # OpenCV numbers the source (nucleus) pixels 1, 2, … in raster order and
-    # labels every pixel with its nearest one.
-    dist, nearest = cv2.distanceTransformWithLabels(
-        (nuclei == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
-    )
-    cells = kernels.nearest_labels(np.ascontiguousarray(nuclei, dtype=np.int32), nearest, dist, float(expansion_px))
-    return cells, dist
+        return np.zeros(nuclei.shape, np.int32), np.zeros(nuclei.shape, np.float32)
+    return kernels.expand_cells(nuclei, float(expansion_px))
 
 
 def membrane_rings(

@@ -239,6 +239,6 @@ def test_warm_up_loads_every_kernel_a_tile_worker_calls(small_slide: SynthOutput
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["found"] == 4
     assert report["after_tiles"] == report["warm"]
-    for name in ("cell_stats", "sector_peaks", "nearest_labels", "split_at_peaks", "trim_and_filter"):
+    for name in ("cell_stats", "sector_peaks", "_chamfer_cells", "split_at_peaks", "trim_and_filter"):
         assert report["warm"][name] >= 1, name
     assert report["warm"]["class_counts_on_grid"] >= 1 and report["warm"]["label_max"] >= 1

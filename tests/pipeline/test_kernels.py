@@ -90,26 +90,69 @@ def test_sector_of_each_direction_is_the_arctangent_sector(sectors: int) -> None
         assert np.flatnonzero(np.isfinite(peak[i])).tolist() == [want], (dy, dx)
 
 
-def test_nearest_labels_follow_the_raster_numbering_of_nucleus_pixels() -> None:
-    # Label 2 comes first in raster order and label 1 spans several rows.
-    nuclei = np.zeros((12, 30), np.int32)
-    nuclei[2:4, 20:23] = 1
-    nuclei[5:8, 18:21] = 1
-    nuclei[1, 3:5] = 2
-    nuclei[9, 4] = 3
-    dist, nearest = cv2.distanceTransformWithLabels(
-        (nuclei == 0).view(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
-    )
-    cells = kernels.nearest_labels(nuclei, nearest, dist, 3.0)
-    # Brute force: the label of the nearest nucleus pixel, cut at the same distances.
+def _brute_force_nearest(nuclei: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Euclidean distance to the nearest nucleus pixel, its label, and the
+    distance to the nearest pixel of any other label."""
     ny, nx = np.nonzero(nuclei)
     yy, xx = np.indices(nuclei.shape)
-    d2 = (yy[..., None] - ny) ** 2 + (xx[..., None] - nx) ** 2
-    want = np.where(dist <= 3.0, nuclei[ny, nx][d2.argmin(axis=-1)], 0)
-    unique = np.sort(d2, axis=-1)[..., 1] > np.sort(d2, axis=-1)[..., 0]  # no tie between two nucleus pixels
-    assert (cells[unique] == want[unique]).all()
-    assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all()
-    assert cells[2, 10] == 0 and cells[1, 6] == 2 and cells[10, 4] == 3
+    d = np.sqrt((yy[..., None] - ny) ** 2 + (xx[..., None] - nx) ** 2)
+    label = nuclei[ny, nx][d.argmin(axis=-1)]
+    other = np.where(nuclei[ny, nx] != label[..., None], d, np.inf).min(axis=-1)
+    return d.min(axis=-1), label, other
+
+
+def test_expand_cells_gives_the_nearest_nucleus_within_the_distance() -> None:
+    rng = np.random.default_rng(3)
+    nuclei = np.zeros((40, 50), np.int32)
+    for label in range(1, 9):  # small blobs, some touching
+        y, x = rng.integers(2, 38), rng.integers(2, 48)
+        nuclei[y - 1 : y + 2, x - 1 : x + rng.integers(1, 4)] = label
+    cells, dist = kernels.expand_cells(nuclei, 6.0)
+    euclid, want, other = _brute_force_nearest(nuclei)
+    # The 5-7-11 chamfer distance is within 2.1 % of the Euclidean one (beyond
+    # the limit it is only capped above it).
+    within = euclid <= 6.0
+    assert np.allclose(dist[within], euclid[within], rtol=0.021, atol=1e-6)
+    assert (dist[~within] > 6.0).all()
+    clear = (other > 1.05 * euclid + 0.5) & (np.abs(euclid - 6.0) > 0.15)  # no near tie, not on the limit
+    assert (cells[clear] == np.where(euclid <= 6.0, want, 0)[clear]).all()
+    assert (cells[nuclei > 0] == nuclei[nuclei > 0]).all() and (dist[nuclei > 0] == 0).all()
+    assert set(np.unique(cells)) == set(range(9))
+
+
+def test_expand_cells_matches_opencvs_chamfer_distance() -> None:
+    """OpenCV's 5×5 L2 mask (1, 1.4, 2.1969) and 5-7-11 agree within 0.2 %."""
+    rng = np.random.default_rng(4)
+    nuclei = np.where(rng.random((120, 90)) < 0.002, rng.integers(1, 50, (120, 90)), 0).astype(np.int32)
+    nuclei[60, 45] = 50
+    _, dist = kernels.expand_cells(nuclei, 200.0)
+    ref = cv2.distanceTransform((nuclei == 0).view(np.uint8), cv2.DIST_L2, 5)
+    assert np.allclose(dist, ref, rtol=0.002, atol=1e-5)
+
+
+def test_expand_cells_ties_go_to_the_smaller_label_and_limits_hold() -> None:
+    nuclei = np.zeros((5, 11), np.int32)
+    nuclei[2, 2], nuclei[2, 8] = 7, 3
+    cells, dist = kernels.expand_cells(nuclei, 3.0)
+    assert cells[2, 5] == 3 and dist[2, 5] == pytest.approx(3.0)  # 3 px from both
+    assert cells[2].tolist() == [7, 7, 7, 7, 7, 3, 3, 3, 3, 3, 3]
+    assert cells[0, 0] == 7 and dist[0, 0] == pytest.approx(2.8)  # two diagonal steps
+    alone, _ = kernels.expand_cells(nuclei, 0.0)
+    assert (alone == nuclei).all()
+    with pytest.raises(ValueError, match="max_dist must be zero or positive"):
+        kernels.expand_cells(nuclei, -1.0)
+
+
+def test_expand_cells_uses_wider_keys_for_many_labels_or_far_expansion() -> None:
+    """More labels or a longer reach than 32-bit keys hold: same cells, 64-bit keys."""
+    rng = np.random.default_rng(5)
+    nuclei = np.where(rng.random((300, 300)) < 0.3, rng.integers(1, 1 << 22, (300, 300)), 0).astype(np.int32)
+    cells, dist = kernels.expand_cells(nuclei, 2.0)  # 22 label bits: a 2 px reach still fits in 32
+    wide, wide_dist = kernels.expand_cells(nuclei, 2000.0)  # 2000 px does not: 64-bit keys
+    assert len(kernels._chamfer_cells.signatures) >= 2
+    near = dist <= 2.0
+    assert (cells[near] == wide[near]).all() and np.allclose(dist[near], wide_dist[near])
+    assert (wide > 0).all()
 
 
 def test_trim_and_filter_by_hand() -> None:
