@@ -125,7 +125,8 @@ class Slide(ABC):
     # -- backend hook ---------------------------------------------------
     @abstractmethod
     def _read_level_region(self, level: Level, x: int, y: int, width: int, height: int) -> np.ndarray:
-        """Read a region that lies fully inside ``level`` as ``(h, w, 3)`` uint8."""
+        """Read a region that lies fully inside ``level`` as ``(h, w, 3)`` uint8,
+        a new array the caller may keep and modify."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
@@ -152,9 +153,11 @@ class Slide(ABC):
         if width <= 0 or height <= 0:
             raise ConfigError("region", (x, y, width, height), "width and height must be positive")
         lv = self.levels[level]
-        out = np.full((height, width, 3), BACKGROUND_RGB, dtype=np.uint8)
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, lv.width), min(y + height, lv.height)
+        if (x0, y0, x1, y1) == (x, y, x + width, y + height):  # inside: no white frame to add
+            return self._read_level_region(lv, x, y, width, height)
+        out = np.full((height, width, 3), BACKGROUND_RGB, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_level_region(lv, x0, y0, x1 - x0, y1 - y0)
         return out

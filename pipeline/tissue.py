@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -94,15 +95,16 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, backg
         mask, threshold = _threshold(rgb, background, settings)
     radius = round(settings.close_um / mpp)
     if radius > 0:
+        # Padded so that the closing does not see the image edge as background.
         yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-        disk = xx * xx + yy * yy <= radius * radius
-        padded = np.pad(mask, radius)
-        mask = ndimage.binary_closing(padded, structure=disk)[radius:-radius, radius:-radius]
+        disk = (xx * xx + yy * yy <= radius * radius).astype(np.uint8)
+        padded = cv2.copyMakeBorder(mask.view(np.uint8), *(radius,) * 4, cv2.BORDER_CONSTANT, value=0)
+        closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk)
+        mask = np.ascontiguousarray(closed[radius:-radius, radius:-radius]).view(bool)
     min_px = settings.min_region_um2 / (mpp * mpp)
     if min_px > 1 and mask.any():
-        labels, n = ndimage.label(mask)
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)
-        keep = sizes >= min_px
+        _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4)
+        keep = stats[:, cv2.CC_STAT_AREA] >= min_px
         keep[0] = False
         mask = keep[labels]
     return TissueMask(mask=mask, mpp=mpp, threshold_od=threshold, glass_rgb=glass)
@@ -111,7 +113,8 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, backg
 def _threshold(
     rgb: np.ndarray, white: float | tuple[float, float, float], settings: TissueSettings
 ) -> tuple[np.ndarray, float]:
-    od = ndimage.gaussian_filter(rgb_to_od(rgb, white).sum(axis=-1), 1.0)
+    od = rgb_to_od(rgb, white)
+    od = ndimage.gaussian_filter(od[..., 0] + od[..., 1] + od[..., 2], 1.0)
     try:
         otsu = float(threshold_otsu(od))
     except ValueError:  # a constant image
@@ -122,9 +125,10 @@ def _threshold(
 
 def _glass_rgb(rgb: np.ndarray, tissue: np.ndarray) -> tuple[float, float, float] | None:
     """Median colour of pixels well away from tissue (the slide's white level)."""
-    glass = ~ndimage.binary_dilation(tissue, iterations=3)
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    glass = cv2.dilate(tissue.view(np.uint8), cross, iterations=3) == 0
     # Dark non-tissue (pen marks, label edges, out-of-slide black) is not glass.
-    bright = rgb.min(axis=-1) >= 150
+    bright = np.minimum(np.minimum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]) >= 150
     pixels = rgb[glass & bright]
     if pixels.shape[0] < max(100, 0.01 * tissue.size):
         return None

@@ -36,7 +36,7 @@ class ArraySlide(Slide):
         super().__init__(Path("memory"), lvls, {})
 
     def _read_level_region(self, level: Level, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self._arrays[level.index][y : y + height, x : x + width]
+        return self._arrays[level.index][y : y + height, x : x + width].copy()
 
 
 def _ramp(h: int, w: int) -> np.ndarray:
