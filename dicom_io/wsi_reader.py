@@ -159,7 +159,9 @@ class DicomWsiSlide(Slide):
         arr = np.asarray(arr)
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
-        return np.ascontiguousarray(arr[:, :, :3], dtype=np.uint8)
+        # Always a copy: a region that is one whole tile comes back from wsidicom
+        # as its cached tile, and the caller owns what this returns.
+        return np.array(arr[:, :, :3], dtype=np.uint8, order="C")
 
     def close(self) -> None:
         self._wsi.close()

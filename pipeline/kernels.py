@@ -1,10 +1,11 @@
 """Compiled per-pixel loops of the cell detector and the pixel H-score (numba).
 
 Each of these used to be several NumPy passes over a tile (bincount,
-scatter-max, gathers, lookups); each kernel is one pass: per-cell sums and
-maxima, membrane sector peaks, nucleus labels from OpenCV's components and
-distance transforms (split, trimmed, filtered by area), cells grown from
-the nuclei by a chamfer distance, and pixel classes per tissue-grid cell.
+scatter-max, gathers, lookups); each kernel is one pass, or a few: per-cell
+sums and maxima, membrane sector peaks, nucleus labels from OpenCV's
+components and distance transforms (split, trimmed, filtered by area),
+cells grown from the nuclei by a chamfer distance, and pixel classes per
+tissue-grid cell.
 
 Compiled code is cached on disk (in ``NUMBA_CACHE_DIR`` where that is set,
 else beside this module or in the user's cache folder), so it is compiled
@@ -229,7 +230,9 @@ def _chamfer_cells(
             key = keys[y + 2, x + 2]
             units = key >> bits
             dist[y, x] = units * scale
-            cells[y, x] = key & mask if units <= max_units else 0
+            cells[y, x] = 0
+            if units <= max_units:
+                cells[y, x] = key & mask
     return cells, dist
 
 

@@ -198,3 +198,19 @@ def test_series_gaps_concatenation_and_base_level(small_slide: SynthOutput, tmp_
     junk = tmp_path / "junk.dcm"
     junk.write_bytes(b"not dicom")
     assert series_gaps([ct, junk]) == []
+
+
+@pytest.mark.parametrize("kind", ["dicom", "ome", "svs"])
+def test_a_region_read_is_the_callers_own_copy(small_slide: SynthOutput, kind: str) -> None:
+    """Regions are returned without a copy into a white frame when they lie
+    inside the slide: they must still be new arrays, not views of a decoded
+    tile that a later read would see changed."""
+    path = {"dicom": small_slide.dicom_dir, "ome": small_slide.ome_tiff, "svs": small_slide.svs}[kind]
+    with open_slide(path) as s:
+        first = s.read_region(0, 256, 256, 256, 256)  # exactly one source tile
+        kept = first.copy()
+        assert first.flags.writeable
+        first[:] = 0
+        assert np.array_equal(s.read_region(0, 256, 256, 256, 256), kept)
+        framed = s.read_region(0, -8, -8, 64, 64)
+        assert (framed[:8] == 255).all() and np.array_equal(framed[8:, 8:], s.read_region(0, 0, 0, 56, 56))
