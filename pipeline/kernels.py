@@ -157,7 +157,10 @@ CHAMFER_UNITS = 5
 
 def expand_cells(nuclei: np.ndarray, max_dist: float) -> tuple[np.ndarray, np.ndarray]:
     """Each pixel's nearest nucleus label within ``max_dist`` px (0 beyond) and
-    its distance to that nucleus, by the 5×5 chamfer distance.
+    its distance to that nucleus, by the 5×5 chamfer distance: within about
+    2 % of the Euclidean distance, and within 0.2 % of OpenCV's 5×5
+    ``DIST_L2`` transform. This is the cell expansion
+    (:mod:`pipeline.nuclei`, step 6): ``nuclei`` are labels 1..n, 0 none.
 
     Distance and label travel together as one integer key (distance in the
     high bits, label in the low ones), so the two chamfer passes are a

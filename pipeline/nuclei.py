@@ -153,18 +153,6 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
     )
 
 
-def expand_cells(nuclei: np.ndarray, expansion_px: float) -> tuple[np.ndarray, np.ndarray]:
-    """Grow each nucleus by up to ``expansion_px`` into the nearest-nucleus partition.
-
-    Returns the cell labels and each pixel's distance (px) to its nucleus, by
-    the 5×5 chamfer distance (:func:`pipeline.kernels.expand_cells`: within
-    about 2 % of the Euclidean distance, and within 0.2 % of OpenCV's 5×5
-    ``DIST_L2`` transform); beyond ``expansion_px`` the distance is only
-    capped above it.
-    """
-    return kernels.expand_cells(nuclei, float(expansion_px))
-
-
 def membrane_rings(
     cell: np.ndarray,
     nucleus: np.ndarray,
@@ -261,7 +249,7 @@ def measure_cells(
     ``membrane_method = "none"`` the membrane columns are NaN.
 
     ``cells`` must hold each nucleus' pixels under its own label (as
-    :func:`expand_cells` returns), so the cytoplasm is the cell minus its nucleus.
+    :func:`pipeline.kernels.expand_cells` returns), so the cytoplasm is the cell minus its nucleus.
     """
     n = int(nuclei.max())
     if n == 0:
@@ -372,7 +360,7 @@ def detect_cells(
     else:
         det, fine = detection_image(h_od, od_sum, settings, mpp)
         nuclei = segment_nuclei(det, settings, mpp, fine)
-    cells, dist = expand_cells(nuclei, settings.cell_expansion_um / mpp)
+    cells, dist = kernels.expand_cells(nuclei, settings.cell_expansion_um / mpp)
     table = measure_cells(nuclei, cells, dist, h_od, dab_od, mpp, intensity, settings.include_nuclei)
     return TileCells(nuclei=nuclei, cells=cells, table=table)
 

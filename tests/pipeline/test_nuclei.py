@@ -14,10 +14,10 @@ from config.errors import ConfigError
 from config.settings import IntensitySettings, NucleiSettings, load_settings
 from dicom_io import open_slide
 from pipeline.analysis import analyse
+from pipeline.kernels import expand_cells
 from pipeline.nuclei import (
     NucleusModel,
     detect_cells,
-    expand_cells,
     intensity_class,
     intensity_value,
     label_max,
