@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapter import logs
+from adapter.queue import JobState
 from config.errors import IhcAdapterError
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = ServiceConfig(
         paths={"spool": out_dir / "spool", "output": out_dir / "results"},
         scoring={"profile": "ki67"},
-        scp={"host": "127.0.0.1", "port": port, "ae_title": "IHC_ADAPTER", "series_quiet_seconds": 1.0},
+        scp={
+            "host": "127.0.0.1",
+            "port": port,
+            "ae_title": "IHC_ADAPTER",
+            "series_quiet_seconds": 1.0,
+            "min_free_disk_mb": 64,
+        },
         service={"poll_seconds": 0.2},
     )
     print(f"2. starting the service on 127.0.0.1:{port} (AE IHC_ADAPTER, spool {config.paths.spool})")
@@ -256,10 +263,6 @@ def _service_config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from adapter.service import Service
 
-    if not args.verbose:
-        # pynetdicom logs every association at INFO; keep the service's one line per event.
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
     config = _service_config(args)
     logs.configure(logging.DEBUG if args.verbose else logging.INFO, config.service.log_format)
     Service(config).run_forever()
@@ -284,9 +287,32 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for job in queue.jobs(args.state):
         deliveries = queue.delivery_states(job.id)
         sent = f" delivered {deliveries.get('sent', 0)}/{sum(deliveries.values())}" if deliveries else ""
+        if deliveries.get("rejected"):
+            sent += f" rejected {deliveries['rejected']}"
         reason = f"  ({job.reason})" if job.reason else ""
         print(f"{job.id:>6} {job.state:<11} {job.kind:<5} attempts {job.attempts}{sent}  {job.source_key}{reason}")
     print(" ".join(f"{k}={v}" for k, v in queue.counts().items()))
+    return 0
+
+
+def cmd_jobs_purge(args: argparse.Namespace) -> int:
+    """Delete received series and results of finished jobs (``retention.keep_days`` or --older-than-days)."""
+    from adapter.service import Service
+
+    config = _service_config(args)
+    days = args.older_than_days if args.older_than_days is not None else config.retention.keep_days
+    if days is None:
+        print("ihc-adapter: error: give --older-than-days or set retention.keep_days", file=sys.stderr)
+        return 2
+    service = Service(config)
+    try:
+        purged = service.purge(days, dry_run=args.dry_run)
+    finally:
+        service.queue.close()
+    verb = "would purge" if args.dry_run else "purged"
+    for job in purged:
+        print(f"{verb} job {job.id} ({job.state}, {job.source_key})")
+    print(f"{verb} {len(purged)} job(s) older than {days:g} day(s)")
     return 0
 
 
@@ -358,11 +384,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a configuration file and print the result")
     check.add_argument("config", nargs="?")
     check.set_defaults(func=cmd_config_check)
-    jobs = sub.add_parser("jobs", help="list jobs with their states and reasons")
+    jobs = sub.add_parser("jobs", help="list jobs with their states and reasons; 'jobs purge' deletes old files")
     jobs.add_argument("--config")
-    jobs.add_argument("--state", choices=("received", "queued", "running", "done", "failed", "quarantined"))
+    jobs.add_argument("--state", choices=[str(s) for s in JobState])
     jobs.set_defaults(func=cmd_jobs)
-    retry = sub.add_parser("retry", help="queue a failed or quarantined job again")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command")
+    purge = jobs_sub.add_parser(
+        "purge", help="delete received series and results of jobs that ended long enough ago (the jobs stay listed)"
+    )
+    purge.add_argument("--config")
+    purge.add_argument("--older-than-days", type=float, help="default: retention.keep_days")
+    purge.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    purge.set_defaults(func=cmd_jobs_purge)
+    retry = sub.add_parser("retry", help="queue a finished (failed, quarantined, superseded or done) job again")
     retry.add_argument("job", type=int)
     retry.add_argument("--config")
     retry.set_defaults(func=cmd_retry)

@@ -1,4 +1,11 @@
-"""Optional ``/healthz`` and Prometheus ``/metrics`` (``service.http_host``: ``service.http_port``)."""
+"""Optional ``/healthz`` and Prometheus ``/metrics`` (``service.http_host``: ``service.http_port``).
+
+``/healthz`` answers 200 ``{"status": "ok", …}`` while every component the
+service runs (listener, folder watch, workers, sender) is alive, and 503
+``{"status": "unhealthy", "dead": [...]}`` when one has died, so a container
+runtime restarts the service instead of leaving it deaf. A client that opens
+a connection and sends nothing is dropped after ``REQUEST_TIMEOUT_S``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+#: Seconds a client may take to send its request before the connection is dropped.
+REQUEST_TIMEOUT_S = 10.0
+
+#: Component name → whether it is alive.
+Health = Callable[[], dict[str, bool]]
 
 
 class ServiceCollector(Collector):
@@ -37,6 +50,7 @@ class StatusServer:
         counts: Callable[[], dict[str, int]],
         received: Callable[[], tuple[int, int]],
         host: str = "127.0.0.1",
+        health: Health | None = None,
     ):
         self.registry = CollectorRegistry()
         self.registry.register(ServiceCollector(counts, received))
@@ -47,17 +61,26 @@ class StatusServer:
             registry=self.registry,
         )
         registry = self.registry
+        components = health or dict
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S  # a half-open request does not hold its thread forever
+
             def do_GET(self) -> None:
+                code = 200
                 if self.path == "/healthz":
-                    body, ctype = json.dumps({"status": "ok", "jobs": counts()}).encode(), "application/json"
+                    dead = sorted(name for name, alive in components().items() if not alive)
+                    status: dict[str, Any] = {"status": "unhealthy" if dead else "ok", "jobs": counts()}
+                    if dead:
+                        status["dead"] = dead
+                        code = 503
+                    body, ctype = json.dumps(status).encode(), "application/json"
                 elif self.path == "/metrics":
                     body, ctype = generate_latest(registry), "text/plain; version=0.0.4"
                 else:
                     self.send_error(404)
                     return
-                self.send_response(200)
+                self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -67,6 +90,7 @@ class StatusServer:
                 return None
 
         self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="status-http", daemon=True)
 
     @property

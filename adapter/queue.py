@@ -1,16 +1,29 @@
-"""Durable job queue in SQLite (WAL): every slide is scored once, nothing is lost.
+"""Durable job queue in SQLite (WAL): every acknowledged slide is scored, its results delivered.
 
-States: ``received`` → ``queued`` → ``running`` → ``done`` | ``failed`` |
-``quarantined``. A job is keyed by its source (a DICOM Series Instance UID or
-a file's content hash), so the same slide arriving twice is one job unless
-forced. On start-up ``running`` jobs go back to ``queued`` (the process that
-ran them died). Deliveries of result files to each destination are recorded
-so a restart never sends an object twice, and a destination that was down is
-retried with exponential backoff without re-scoring.
+Job states (:class:`JobState`): ``queued`` → ``running`` → ``done`` |
+``failed`` | ``quarantined``, or ``superseded`` when the slide changed while
+it was scored (its results are never delivered). A job is keyed by its
+source (a DICOM Series Instance UID or a file's content hash), so the same
+slide arriving twice is one job; each job also records the *content key*
+of what it scored (a hash over the series' instances), so a scanner that
+re-sends an identical series gets no second result set, while a changed
+series is scored again and its results replace the earlier ones. On
+start-up ``running`` jobs go back to ``queued`` (the process that ran them
+died).
+
+Deliveries (:class:`DeliveryState`) record, per job, destination and file,
+whether it is ``pending``, ``sent``, ``rejected`` (the destination refused
+it for good, e.g. 0xA9xx or 0xCxxx: not retried) or ``cancelled`` (a newer
+attempt of the job replaced it). A destination that is down is retried with
+exponential backoff without re-scoring. Delivery is *at least once*: a
+crash between the destination's acknowledgement and its record here re-sends
+that object at the next start, with the same SOP Instance UID, which a PACS
+stores once.
 """
 
 from __future__ import annotations
 
+import enum
 import sqlite3
 import threading
 import time
@@ -21,7 +34,42 @@ from pathlib import Path
 
 from config.errors import IhcAdapterError
 
-STATES = ("received", "queued", "running", "done", "failed", "quarantined")
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+    SUPERSEDED = "superseded"
+
+
+#: States a job leaves only when it is submitted again or retried.
+FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.QUARANTINED, JobState.SUPERSEDED)
+
+#: Kept for callers that list the states.
+STATES = tuple(JobState)
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+
+class Submitted(enum.Enum):
+    """What :meth:`JobQueue.submit` did."""
+
+    NEW = "new"  #: a new job was queued
+    RESCORE = "rescore"  #: a finished job was queued again (changed content, or forced)
+    WAITING = "waiting"  #: the job is already queued or running; nothing changed
+    DUPLICATE = "duplicate"  #: the same content was already scored: nothing to do
+
+    @property
+    def queued(self) -> bool:
+        return self in (Submitted.NEW, Submitted.RESCORE)
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -50,6 +98,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 """
 
+#: Columns added after the first release, with their definitions (added to older databases at open).
+_ADDED_COLUMNS = {
+    "jobs": {"content_key": "TEXT", "fingerprint": "TEXT", "scored_key": "TEXT"},
+    "deliveries": {"planned": "REAL NOT NULL DEFAULT 0", "sent_at": "REAL"},
+}
+
 
 class QueueError(IhcAdapterError):
     """A job does not exist or cannot move to the requested state."""
@@ -61,13 +115,28 @@ class Job:
     source_key: str
     kind: str
     path: str
-    state: str
+    state: JobState
     attempts: int
     reason: str | None
     result_dir: str | None
     created: float
     updated: float
     rescore: bool
+    #: content key of the slide as submitted (series: hash over its instances)
+    content_key: str | None = None
+    #: cheap fingerprint (names, sizes, mtimes) when the job was queued or claimed
+    fingerprint: str | None = None
+    #: content key of what the last finished attempt scored
+    scored_key: str | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryBatch:
+    """Files of one job due for one destination: sent over one association."""
+
+    job_id: int
+    destination: str
+    files: tuple[str, ...]
 
 
 class JobQueue:
@@ -82,6 +151,11 @@ class JobQueue:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, definition in columns.items():
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -104,38 +178,66 @@ class JobQueue:
             return None
         d = dict(row)
         d["rescore"] = bool(d["rescore"])
+        d["state"] = JobState(d["state"])
         return Job(**d)
 
-    # -- submission --------------------------------------------------------
-    def submit(self, source_key: str, kind: str, path: str, force: bool = False) -> tuple[Job, bool]:
-        """Queue a slide; returns the job and whether it is new or re-queued.
+    def _row(self, db: sqlite3.Connection, job_id: int) -> Job:
+        job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        if job is None:
+            raise QueueError(f"job {job_id}: no such job")
+        return job
 
-        A known source that is done, failed or quarantined is left alone
-        unless ``force``; one still waiting or running is left alone.
+    # -- submission --------------------------------------------------------
+    def submit(
+        self,
+        source_key: str,
+        kind: str,
+        path: str,
+        force: bool = False,
+        content_key: str | None = None,
+        fingerprint: str | None = None,
+    ) -> tuple[Job, Submitted]:
+        """Queue a slide; returns the job and what was done.
+
+        A known source that is queued or running is left alone (its path,
+        content key and fingerprint are brought up to date: the worker
+        notices a change under a running job). One that finished is queued
+        again when ``force``, or when ``content_key`` is given and differs
+        from what it scored or the job failed; otherwise it is a
+        :attr:`Submitted.DUPLICATE`.
         """
         now = time.time()
         with self._tx() as db:
             row = db.execute("SELECT * FROM jobs WHERE source_key = ?", (source_key,)).fetchone()
             if row is None:
                 cur = db.execute(
-                    "INSERT INTO jobs (source_key, kind, path, state, created, updated) "
-                    "VALUES (?, ?, ?, 'queued', ?, ?)",
-                    (source_key, kind, path, now, now),
+                    "INSERT INTO jobs (source_key, kind, path, state, created, updated, content_key, fingerprint) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+                    (source_key, kind, path, now, now, content_key, fingerprint),
                 )
-                job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (cur.lastrowid,)).fetchone())
-                assert job is not None
-                return job, True
+                assert cur.lastrowid is not None
+                return self._row(db, cur.lastrowid), Submitted.NEW
             existing = self._job(row)
             assert existing is not None
-            if force and existing.state in ("done", "failed", "quarantined"):
+            if existing.state in (JobState.QUEUED, JobState.RUNNING):
                 db.execute(
-                    "UPDATE jobs SET state='queued', path=?, reason=NULL, updated=?, rescore=1 WHERE id=?",
-                    (path, now, existing.id),
+                    "UPDATE jobs SET path=?, content_key=COALESCE(?, content_key), updated=? WHERE id=?",
+                    (path, content_key, now, existing.id),
                 )
-                job = self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (existing.id,)).fetchone())
-                assert job is not None
-                return job, True
-            return existing, False
+                return self._row(db, existing.id), Submitted.WAITING
+            # A file's source key is its content hash: without a content key it is the same content,
+            # left as it ended (an operator retries it). A series sent again with the same content
+            # is left alone once scored or quarantined; after a failure, or changed, it is scored again.
+            scored = existing.state in (JobState.DONE, JobState.QUARANTINED) and content_key == existing.scored_key
+            if not force and (content_key is None or scored):
+                return existing, Submitted.DUPLICATE
+            db.execute(
+                "UPDATE jobs SET state='queued', path=?, reason=NULL, updated=?, rescore=1, "
+                "content_key=COALESCE(?, content_key), fingerprint=? WHERE id=?",
+                (path, now, content_key, fingerprint, existing.id),
+            )
+            self._cancel_in(db, existing.id, "replaced by a new scoring of the slide")
+            return self._row(db, existing.id), Submitted.RESCORE
 
     # -- the worker's side -----------------------------------------------------
     def claim(self) -> Job | None:
@@ -147,28 +249,54 @@ class JobQueue:
             db.execute(
                 "UPDATE jobs SET state='running', attempts=attempts+1, updated=? WHERE id=?", (time.time(), row["id"])
             )
-            return self._job(db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone())
+            return self._row(db, row["id"])
 
-    def finish(self, job_id: int, result_dir: str) -> None:
-        self._set(job_id, "done", None, result_dir)
+    def set_fingerprint(self, job_id: int, fingerprint: str, content_key: str | None = None) -> None:
+        """What the running attempt is about to score."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET fingerprint=?, content_key=COALESCE(?, content_key) WHERE id=?",
+                (fingerprint, content_key, job_id),
+            )
+
+    def finish(self, job_id: int, result_dir: str, scored_key: str | None = None) -> None:
+        with self._tx() as db:
+            self._set_in(db, job_id, JobState.DONE, None, result_dir)
+            db.execute("UPDATE jobs SET scored_key=COALESCE(?, content_key) WHERE id=?", (scored_key, job_id))
 
     def fail(self, job_id: int, reason: str) -> None:
-        self._set(job_id, "failed", reason)
+        self._set(job_id, JobState.FAILED, reason)
 
     def quarantine(self, job_id: int, reason: str) -> None:
-        self._set(job_id, "quarantined", reason)
+        """Poison input: the same content sent again is not tried again (a changed one is)."""
+        with self._tx() as db:
+            self._set_in(db, job_id, JobState.QUARANTINED, reason)
+            db.execute("UPDATE jobs SET scored_key=content_key WHERE id=?", (job_id,))
+
+    def supersede(self, job_id: int, reason: str) -> int:
+        """The slide changed under this job: it ends without results, its pending deliveries are
+        cancelled. Returns how many deliveries were cancelled."""
+        with self._tx() as db:
+            self._set_in(db, job_id, JobState.SUPERSEDED, reason)
+            return self._cancel_in(db, job_id, reason)
 
     def requeue(self, job_id: int, reason: str | None = None) -> None:
-        self._set(job_id, "queued", reason)
+        self._set(job_id, JobState.QUEUED, reason)
 
-    def _set(self, job_id: int, state: str, reason: str | None, result_dir: str | None = None) -> None:
+    def _set(self, job_id: int, state: JobState, reason: str | None, result_dir: str | None = None) -> None:
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE jobs SET state=?, reason=?, result_dir=COALESCE(?, result_dir), updated=? WHERE id=?",
-                (state, reason, result_dir, time.time(), job_id),
-            )
-            if cur.rowcount == 0:
-                raise QueueError(f"job {job_id}: no such job")
+            self._set_in(db, job_id, state, reason, result_dir)
+
+    @staticmethod
+    def _set_in(
+        db: sqlite3.Connection, job_id: int, state: JobState, reason: str | None, result_dir: str | None = None
+    ) -> None:
+        cur = db.execute(
+            "UPDATE jobs SET state=?, reason=?, result_dir=COALESCE(?, result_dir), updated=? WHERE id=?",
+            (str(state), reason, result_dir, time.time(), job_id),
+        )
+        if cur.rowcount == 0:
+            raise QueueError(f"job {job_id}: no such job")
 
     def recover(self) -> int:
         """After a crash: every ``running`` job goes back to ``queued``. Returns how many."""
@@ -181,26 +309,31 @@ class JobQueue:
             return cur.rowcount
 
     def retry(self, job_id: int) -> Job:
-        """Operator retry of a failed or quarantined job (``ihc-adapter retry``)."""
-        job = self.get(job_id)
-        if job.state not in ("failed", "quarantined", "done"):
-            raise QueueError(f"job {job_id} is {job.state}; only failed, quarantined or done jobs can be retried")
-        self._set(job_id, "queued", None)
+        """Operator retry of a finished job (``ihc-adapter retry``)."""
         with self._tx() as db:
+            job = self._row(db, job_id)
+            if job.state not in FINAL_STATES:
+                raise QueueError(
+                    f"job {job_id} is {job.state}; only failed, quarantined, superseded or done jobs can be retried"
+                )
+            self._set_in(db, job_id, JobState.QUEUED, None)
             db.execute("UPDATE jobs SET rescore=1 WHERE id=?", (job_id,))
-        return self.get(job_id)
+            self._cancel_in(db, job_id, "replaced by a retry of the job")
+            return self._row(db, job_id)
 
     # -- reading ----------------------------------------------------------------
     def get(self, job_id: int) -> Job:
         with self._lock:
-            job = self._job(self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-        if job is None:
-            raise QueueError(f"job {job_id}: no such job")
-        return job
+            return self._row(self._db, job_id)
 
     def by_source(self, source_key: str) -> Job | None:
         with self._lock:
             return self._job(self._db.execute("SELECT * FROM jobs WHERE source_key = ?", (source_key,)).fetchone())
+
+    def by_path(self, path: str) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE path = ? ORDER BY id", (path,)).fetchall()
+        return [j for j in (self._job(r) for r in rows) if j is not None]
 
     def jobs(self, state: str | None = None) -> list[Job]:
         with self._lock:
@@ -213,35 +346,67 @@ class JobQueue:
     def counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        out = dict.fromkeys(STATES, 0)
+        out = {str(s): 0 for s in JobState}
         out.update({r[0]: r[1] for r in rows})
         return out
 
     # -- deliveries -------------------------------------------------------------
     def plan_deliveries(self, job_id: int, destination: str, files: list[str]) -> None:
         """Record that ``files`` must reach ``destination`` (idempotent)."""
+        now = time.time()
         with self._tx() as db:
             db.executemany(
-                "INSERT OR IGNORE INTO deliveries (job_id, destination, file, state) VALUES (?, ?, ?, 'pending')",
-                [(job_id, destination, f) for f in files],
+                "INSERT OR IGNORE INTO deliveries (job_id, destination, file, state, planned) "
+                "VALUES (?, ?, ?, 'pending', ?)",
+                [(job_id, destination, f, now) for f in files],
             )
 
+    def cancel_deliveries(self, job_id: int, reason: str) -> int:
+        """Cancel a job's pending deliveries (a newer attempt replaces them); returns how many."""
+        with self._tx() as db:
+            return self._cancel_in(db, job_id, reason)
+
+    @staticmethod
+    def _cancel_in(db: sqlite3.Connection, job_id: int, reason: str) -> int:
+        cur = db.execute(
+            "UPDATE deliveries SET state='cancelled', reason=? WHERE job_id=? AND state='pending'", (reason, job_id)
+        )
+        return cur.rowcount
+
     def pending_deliveries(self, now: float | None = None) -> list[tuple[int, str, str, int]]:
-        """``(job_id, destination, file, attempts)`` due now."""
+        """``(job_id, destination, file, attempts)`` due now, of jobs that are done."""
         now = time.time() if now is None else now
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id, destination, file, attempts FROM deliveries WHERE state='pending' AND next_try <= ? "
-                "ORDER BY job_id, destination",
+                "SELECT d.job_id, d.destination, d.file, d.attempts FROM deliveries d JOIN jobs j ON j.id = d.job_id "
+                "WHERE d.state='pending' AND d.next_try <= ? AND j.state='done' "
+                "ORDER BY d.job_id, d.destination, d.planned, d.file",
                 (now,),
             ).fetchall()
         return [(r[0], r[1], r[2], r[3]) for r in rows]
 
+    def due_batches(self, now: float | None = None) -> list[DeliveryBatch]:
+        """Due deliveries grouped by job and destination, in the order they were planned."""
+        batches: dict[tuple[int, str], list[str]] = {}
+        for job_id, destination, file, _ in self.pending_deliveries(now):
+            batches.setdefault((job_id, destination), []).append(file)
+        return [DeliveryBatch(j, d, tuple(files)) for (j, d), files in batches.items()]
+
     def delivered(self, job_id: int, destination: str, file: str) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE deliveries SET state='sent', reason=NULL WHERE job_id=? AND destination=? AND file=?",
-                (job_id, destination, file),
+                "UPDATE deliveries SET state='sent', reason=NULL, sent_at=? "
+                "WHERE job_id=? AND destination=? AND file=?",
+                (time.time(), job_id, destination, file),
+            )
+
+    def rejected(self, job_id: int, destination: str, file: str, reason: str) -> None:
+        """The destination refused the object for good: recorded, never retried."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE deliveries SET state='rejected', reason=?, attempts=attempts+1 "
+                "WHERE job_id=? AND destination=? AND file=?",
+                (reason, job_id, destination, file),
             )
 
     def delivery_failed(
@@ -267,3 +432,29 @@ class JobQueue:
                 "SELECT state, COUNT(*) FROM deliveries WHERE job_id=? GROUP BY state", (job_id,)
             ).fetchall()
         return {r[0]: r[1] for r in rows}
+
+    def deliveries(self, job_id: int) -> list[tuple[str, str, DeliveryState, str | None]]:
+        """``(destination, file, state, reason)`` of every delivery of a job."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT destination, file, state, reason FROM deliveries WHERE job_id=? ORDER BY destination, file",
+                (job_id,),
+            ).fetchall()
+        return [(r[0], r[1], DeliveryState(r[2]), r[3]) for r in rows]
+
+    # -- retention --------------------------------------------------------------
+    def purgeable(self, finished_before: float, require_delivered: bool) -> list[Job]:
+        """Finished jobs last updated before ``finished_before`` (and, if asked, with nothing pending)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs j WHERE state IN ('done', 'failed', 'quarantined', 'superseded') AND updated < ? "
+                "AND (? = 0 OR NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.job_id = j.id AND d.state = 'pending')) "
+                "ORDER BY id",
+                (finished_before, int(require_delivered)),
+            ).fetchall()
+        return [j for j in (self._job(r) for r in rows) if j is not None]
+
+    def mark_purged(self, job_id: int) -> None:
+        """The job's files are gone: it stays in the table (its key still recognises a re-send)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET result_dir=NULL WHERE id=?", (job_id,))

@@ -80,7 +80,7 @@ def main() -> None:
     cfg.write_text(
         f'[paths]\nspool = "{work / "spool"}"\noutput = "{work / "out"}"\n'
         f'[scoring]\nprofile = "ki67"\nworkers = {a.workers}\n'
-        f'[scp]\nhost = "127.0.0.1"\nport = {port}\nseries_quiet_seconds = 1.0\n'
+        f'[scp]\nhost = "127.0.0.1"\nport = {port}\nseries_quiet_seconds = 1.0\nmin_free_disk_mb = 64\n'
         f"[service]\npoll_seconds = 0.2\n"
     )
     log = (work / "serve.log").open("wb")

@@ -55,6 +55,11 @@ class WatchConfig(_Frozen):
     after: Literal["leave", "move", "delete"] = "leave"
     done_folder: Path | None = None
     ignore: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", ".*", "*~")
+    follow_symlinks: bool = Field(
+        False,
+        description="read files through symbolic links that lead outside the watch folders (off: such links "
+        "are skipped with a warning; links that stay inside are always followed)",
+    )
 
     @model_validator(mode="after")
     def _done(self) -> WatchConfig:
@@ -71,10 +76,12 @@ class TlsConfig(_Frozen):
 
 class ScpConfig(_Frozen):
     enabled: bool = True
-    ae_title: str = "IHC_ADAPTER"
-    host: str = "0.0.0.0"
+    ae_title: str = Field("IHC_ADAPTER", description="our AE title; associations calling another are rejected")
+    host: str = Field("0.0.0.0", description="address to listen on (127.0.0.1: this machine only)")
     port: int = Field(11112, ge=1, le=65535)
-    allowed_calling_aes: tuple[str, ...] = Field((), description="empty = accept any calling AE title")
+    allowed_calling_aes: tuple[str, ...] = Field(
+        (), description="calling AE titles accepted; empty = any (a warning at start-up on a non-loopback address)"
+    )
     series_quiet_seconds: float = Field(30.0, gt=0, description="a series is complete after this much silence")
     confirm_series: bool = Field(
         True, description="after the silence, check the headers for missing concatenation parts or base level"
@@ -82,7 +89,23 @@ class ScpConfig(_Frozen):
     series_max_wait_seconds: float = Field(
         600.0, gt=0, description="a series whose headers still show gaps is scored anyway after this much silence"
     )
-    max_pdu: int = Field(262144, ge=4096, le=4194304, description="finite maximum PDU we advertise")
+    max_pdu: int = Field(
+        262144, ge=4096, le=4194304, description="finite maximum PDU we advertise and enforce on what we read"
+    )
+    max_associations: int = Field(10, ge=1, le=256, description="associations at once, from all senders")
+    max_associations_per_address: int = Field(
+        4, ge=1, le=256, description="connections at once from one network address (the rest are rejected)"
+    )
+    handshake_timeout_seconds: float = Field(
+        10.0, gt=0, description="TLS handshake and the association request must arrive within this of connecting"
+    )
+    read_timeout_seconds: float = Field(
+        60.0, gt=0, description="a PDU that stalls longer than this mid-read is dropped"
+    )
+    idle_timeout_seconds: float = Field(120.0, gt=0, description="an association idle longer than this is aborted")
+    min_free_disk_mb: float = Field(
+        1024.0, ge=0, description="below this much free space on the spool's disk, new objects are refused (0xA700)"
+    )
     accept_other_storage: bool = Field(False, description="also accept storage classes other than VL WSI")
     tls: TlsConfig | None = None
 
@@ -97,12 +120,20 @@ class ScpConfig(_Frozen):
         return tuple(_ae_title(a) for a in v)
 
 
+class DestinationTls(_Frozen):
+    ca: Path | None = Field(None, description="CA bundle to verify the destination (default: the system's)")
+    certificate: Path | None = Field(None, description="our client certificate, where the destination asks for one")
+    key: Path | None = None
+    server_name: str | None = Field(None, description="name to verify in its certificate (default: host)")
+
+
 class Destination(_Frozen):
     name: str = Field(..., min_length=1)
     host: str
     port: int = Field(..., ge=1, le=65535)
     ae_title: str
     calling_ae: str = "IHC_ADAPTER"
+    tls: DestinationTls | None = Field(None, description="send over TLS (DICOM TLS profile)")
 
     @field_validator("ae_title", "calling_ae")
     @classmethod
@@ -127,6 +158,19 @@ class ServiceOptions(_Frozen):
     retry_max_seconds: float = Field(3600.0, gt=0)
 
 
+class RetentionConfig(_Frozen):
+    """What is deleted, and when: received series and result folders of finished jobs."""
+
+    keep_days: float | None = Field(
+        None, gt=0, description="delete a finished job's received files and results this long after it ended; "
+        "none = keep everything"
+    )
+    until_delivered: bool = Field(
+        True, description="never delete the files of a job with results still waiting to be delivered"
+    )
+    purge_interval_seconds: float = Field(3600.0, gt=0, description="how often the service purges")
+
+
 class ServiceConfig(_Frozen):
     paths: PathsConfig = PathsConfig()
     scoring: ScoringConfig = ScoringConfig()
@@ -134,6 +178,7 @@ class ServiceConfig(_Frozen):
     scp: ScpConfig = ScpConfig()
     destinations: tuple[Destination, ...] = ()
     service: ServiceOptions = ServiceOptions()
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _names(self) -> ServiceConfig:

@@ -9,6 +9,7 @@ chunks instead of being decoded into memory.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,26 @@ class StoreResult:
     def ok(self) -> bool:
         return self.status in (0x0000, 0xB000, 0xB006, 0xB007)
 
+    @property
+    def permanent(self) -> bool:
+        """A refusal that sending again will not change (PS3.4 B.2.3, PS3.7 C): data set does not
+        match (0xA9xx), cannot understand (0xCxxx), SOP class not supported, duplicate instance and
+        the other 0x01xx failures. Out of resources (0xA7xx), resource limitation (0x0213) and no
+        response at all are worth another try."""
+        s = self.status
+        return not self.ok and s >= 0 and (s & 0xFF00 in (0xA900, 0x0100) or s & 0xF000 == 0xC000)
+
+
+def tls_context(
+    ca: Path | None = None, certificate: Path | None = None, key: Path | None = None
+) -> ssl.SSLContext:
+    """A client TLS context: the destination verified against ``ca`` (else the system's CAs),
+    with our certificate where the destination asks for one."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)
+    if certificate is not None:
+        context.load_cert_chain(str(certificate), str(key) if key else None)
+    return context
+
 
 def _describe(path: Path) -> tuple[str, str]:
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
@@ -65,9 +86,15 @@ def echo(peer: Peer, calling_ae: str = "IHC_ADAPTER", timeout_s: float = 10.0) -
 
 
 def send_files(
-    paths: Sequence[Path], peer: Peer, calling_ae: str = "IHC_ADAPTER", timeout_s: float = 30.0
+    paths: Sequence[Path],
+    peer: Peer,
+    calling_ae: str = "IHC_ADAPTER",
+    timeout_s: float = 30.0,
+    tls: tuple[ssl.SSLContext, str] | None = None,
 ) -> list[StoreResult]:
-    """C-STORE every file to ``peer``; raises :class:`DimseError` if no association."""
+    """C-STORE every file to ``peer`` over one association (one per 128 SOP class / transfer
+    syntax pairs); ``tls`` = (client context, name to verify). Raises :class:`DimseError` if no
+    association."""
     # Stream each file's encoded dataset in PDU-sized chunks instead of decoding it.
     _config.STORE_SEND_CHUNKED_DATASET = True
     described = [(Path(p), *_describe(Path(p))) for p in paths]
@@ -78,7 +105,7 @@ def send_files(
         ae = AE(ae_title=calling_ae)
         ae.requested_contexts = [build_context(sop, [ts]) for sop, ts in sorted(chunk)]
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls)
         if not assoc.is_established:
             raise DimseError(f"{peer.ae_title}@{peer.host}:{peer.port}: association refused or peer unreachable")
         try:

@@ -10,12 +10,13 @@ Every source also gets ``result.json``; non-DICOM sources get
 
 from __future__ import annotations
 
+import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pydicom
+import pydicom.errors
 
 from config.errors import SlideReadError
 from dicom_io.ann import build_annotations
@@ -24,14 +25,12 @@ from dicom_io.ome_results import write_cell_table, write_json, write_label_ome_t
 from dicom_io.pm import build_heatmap
 from dicom_io.seg import build_segmentations, read_headers
 from dicom_io.sr import build_measurement_report, build_viewer_report
+from dicom_io.uids import is_uid
 from dicom_io.wsi_reader import DicomWsiSlide
 from pipeline.analysis import SlideResult
 from pipeline.slide import Slide
 
 log = logging.getLogger(__name__)
-
-_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-
 
 @dataclass
 class WrittenResults:
@@ -47,7 +46,7 @@ def uid_path(root: Path, ds: pydicom.Dataset) -> Path:
     """``root/<study>/<series>/<sop instance>.dcm``, refusing anything that is not a UID."""
     parts = [str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)]
     for part in parts:
-        if not _UID.match(part) or len(part) > 64:
+        if not is_uid(part):
             raise SlideReadError(root, f"refusing to build a path from a non-UID value {part!r}")
     return root.joinpath(parts[0], parts[1], f"{parts[2]}.dcm")
 
@@ -63,17 +62,41 @@ def save(ds: pydicom.Dataset, root: Path) -> Path:
     return path
 
 
-def write_results(result: SlideResult, slide: Slide, out_dir: Path) -> WrittenResults:
-    """Write every result object for ``slide`` under ``out_dir``."""
+def previous_reports(out_dir: Path) -> dict[str, list[pydicom.Dataset]]:
+    """The SR documents of an earlier scoring in ``out_dir`` (by kind: ``sr``, ``viewer_sr``), read
+    from its ``result.json``; a re-score names them as the documents it replaces."""
+    summary = out_dir / "result.json"
+    if not summary.is_file():
+        return {}
+    try:
+        outputs = json.loads(summary.read_text()).get("outputs", {})
+    except (OSError, ValueError):
+        return {}
+    found: dict[str, list[pydicom.Dataset]] = {}
+    for kind in ("sr", "viewer_sr"):
+        for name in outputs.get(kind, []):
+            try:
+                found.setdefault(kind, []).append(pydicom.dcmread(name, stop_before_pixels=True))
+            except (OSError, pydicom.errors.InvalidDicomError):
+                log.warning("previous report %s of %s cannot be read; not referenced", name, out_dir)
+    return found
+
+
+def write_results(
+    result: SlideResult, slide: Slide, out_dir: Path, previous: dict[str, list[pydicom.Dataset]] | None = None
+) -> WrittenResults:
+    """Write every result object for ``slide`` under ``out_dir``; ``previous`` (from
+    :func:`previous_reports`) are the reports of an earlier scoring that these replace."""
+    previous = previous or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     written = WrittenResults(json=out_dir / "result.json")
     if isinstance(slide, DicomWsiSlide):
         volumes = read_headers(slide.files)
         segs = build_segmentations(result.compartments, volumes)
         written.dicom["seg"] = [save(seg, out_dir) for seg in segs]
-        report = build_measurement_report(result, volumes, segs[0])
+        report = build_measurement_report(result, volumes, segs[0], previous=previous.get("sr", ()))
         written.dicom["sr"] = [save(report, out_dir)]
-        viewer = build_viewer_report(result, volumes)
+        viewer = build_viewer_report(result, volumes, previous=previous.get("viewer_sr", ()))
         if viewer is not None:
             written.dicom["viewer_sr"] = [save(viewer, out_dir)]
         written.dicom["ann"] = [save(build_annotations(result, volumes), out_dir)]

@@ -13,6 +13,7 @@ for a pathologist.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
@@ -156,8 +157,10 @@ def build_measurement_report(
     volumes: list[pydicom.Dataset],
     segmentation: hd.seg.Segmentation,
     series_number: int = 200,
+    previous: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The full TID 1500 report referencing ``segmentation``'s segments."""
+    """The full TID 1500 report referencing ``segmentation``'s segments; ``previous`` are the
+    reports it replaces (a re-score), named in its Predecessor Documents Sequence."""
     groups: list[Any] = []
     for number, spec in enumerate(SEGMENTS, start=1):
         stats = result.compartment_stats[spec.name]
@@ -188,14 +191,25 @@ def build_measurement_report(
         )
     )
     return _unverified_report(
-        groups, volumes[0], [segmentation, volumes[0]], series_number, f"{result.profile} IHC measurements (unverified)"
+        groups,
+        volumes[0],
+        [segmentation, volumes[0]],
+        series_number,
+        f"{result.profile} IHC measurements (unverified)",
+        previous,
     )
 
 
 def _unverified_report(
-    groups: list[Any], slide: pydicom.Dataset, evidence: list[pydicom.Dataset], series_number: int, description: str
+    groups: list[Any],
+    slide: pydicom.Dataset,
+    evidence: list[pydicom.Dataset],
+    series_number: int,
+    description: str,
+    previous: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """A TID 1500 document, COMPLETE, PRELIMINARY and UNVERIFIED: it waits for a pathologist."""
+    """A TID 1500 document, COMPLETE, PRELIMINARY and UNVERIFIED: it waits for a pathologist.
+    ``previous``: documents it replaces (Predecessor Documents Sequence)."""
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(slide),
         procedure_reported=PROCEDURE,
@@ -213,6 +227,7 @@ def _unverified_report(
         is_complete=True,
         is_final=False,
         is_verified=False,
+        previous_versions=list(previous) or None,
     )
     sr.SeriesDescription = description
     declare_private_scheme(sr)
@@ -270,7 +285,10 @@ def tumour_regions(result: SlideResult) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def build_viewer_report(
-    result: SlideResult, volumes: list[pydicom.Dataset], series_number: int = 210
+    result: SlideResult,
+    volumes: list[pydicom.Dataset],
+    series_number: int = 210,
+    previous: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR | None:
     """TID 1410 groups only: tumour regions as SCOORD3D polygons with key measurements.
 
@@ -323,7 +341,7 @@ def build_viewer_report(
             )
         )
     return _unverified_report(
-        groups, base, [base], series_number, f"{result.profile} tumour regions for viewers (unverified)"
+        groups, base, [base], series_number, f"{result.profile} tumour regions for viewers (unverified)", previous
     )
 
 

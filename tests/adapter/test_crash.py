@@ -32,6 +32,7 @@ workers = 1
 host = "127.0.0.1"
 port = {scp_port}
 series_quiet_seconds = 1.0
+min_free_disk_mb = 1
 [service]
 poll_seconds = 0.2
 retry_base_seconds = 0.5

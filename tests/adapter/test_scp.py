@@ -12,6 +12,7 @@ import pydicom
 import pytest
 
 from adapter.scp import StorageSCP
+from adapter.spool import Spool
 from adapter.synth import SynthOutput
 from config.service import ScpConfig
 from tests.conftest import require_tool, storescu_push
@@ -34,9 +35,9 @@ def scp(tmp_path: Path, request: pytest.FixtureRequest):  # type: ignore[no-unty
         port=free_port(),
         allowed_calling_aes=("SCANNER1",),
         series_quiet_seconds=1.0,
-        **getattr(request, "param", {}),
+        **({"min_free_disk_mb": 1} | getattr(request, "param", {})),
     )
-    server = StorageSCP(config, tmp_path / "spool", complete)
+    server = StorageSCP(config, Spool(tmp_path / "spool"), complete)
     server.start()
     try:
         yield server, done, event
@@ -150,8 +151,8 @@ def test_tls_listener(tmp_path: Path) -> None:
         capture_output=True,
         timeout=60,
     )
-    config = ScpConfig(host="127.0.0.1", port=free_port(), tls={"certificate": cert, "key": key})
-    server = StorageSCP(config, tmp_path / "spool", lambda uid, folder: None)
+    config = ScpConfig(host="127.0.0.1", port=free_port(), tls={"certificate": cert, "key": key}, min_free_disk_mb=1)
+    server = StorageSCP(config, Spool(tmp_path / "spool"), lambda uid, folder: None)
     server.start()
     try:
         client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))

@@ -27,6 +27,7 @@ def _config(tmp_path: Path, pacs_port: int | None, watch: list[Path] | None = No
             "ae_title": "IHC_ADAPTER",
             "series_quiet_seconds": 1.0,
             "allowed_calling_aes": ["SCANNER1", "ORTHANC"],
+            "min_free_disk_mb": 1,
         },
         "service": {"poll_seconds": 0.2, "retry_base_seconds": 0.5, "http_port": free_port(), **service},
         "watch": {"folders": [str(p) for p in watch or []], "settle_seconds": 0.5},
