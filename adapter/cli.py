@@ -33,13 +33,15 @@ def _format_info(d: dict[str, Any]) -> str:
             f"    [{lv['index']}] {lv['width']:>7} x {lv['height']:<7} {lv['mpp_x']:.4f} µm/px"
             f"  tile {lv['tile_width']}x{lv['tile_height']}  {lv['compression']}"
         )
-    meta = d["metadata"]
+    meta = dict(d["metadata"])
+    warnings = meta.pop("warnings", [])
     if meta:
         lines.append("  identifiers")
         for key, value in meta.items():
             if value in (None, "", [], {}):
                 continue
             lines.append(f"    {key:<24} {json.dumps(value, ensure_ascii=False)}")
+    lines.extend(f"  WARNING: {w}" for w in warnings)
     return "\n".join(lines)
 
 

@@ -38,6 +38,11 @@ class StainSettings(_Frozen):
     background: Literal["auto"] | float = Field(
         "auto", description="white level I0 (QuPath 'background'): a value, or 'auto' = median glass colour"
     )
+    icc_profile: bool = Field(
+        False,
+        description="convert pixels from the slide's ICC profile (where it has one) to sRGB before deconvolution; "
+        "off by default: the default stain vectors were measured on unmanaged scanner RGB",
+    )
     estimate: bool = Field(False, description="estimate vectors per slide (Macenko) with fallback to defaults")
     estimate_tiles: int = Field(16, ge=1, le=512, description="tissue tiles sampled for estimation")
     estimate_max_angle_deg: float = Field(

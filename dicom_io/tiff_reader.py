@@ -13,11 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import tifffile
 from ome_types import from_xml
 
 from config.errors import SlideReadError
+from dicom_io.jpeg_colour import ColourModel, parse_header
 from pipeline.slide import Level, Slide
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,8 @@ class TiffSlide(Slide):
         self._pages: list[tifffile.TiffPage | None] = []
         # Neighbouring analysis tiles (with margins) share source tiles: keep recent ones decoded.
         self._tile_cache = _TileCache(max_bytes=64 << 20)
+        self._ycbcr: list[bool] = []  # per level: JPEG tiles are YCbCr under an RGB tag, decoded as YCbCr
+        warnings: list[str] = []
         tif.filehandle.set_lock(True)  # tiles are read from several threads
         levels: list[Level] = []
         base_w = base_h = 0
@@ -173,6 +177,7 @@ class TiffSlide(Slide):
             # Direct tile decoding for the common layout (tiled, interleaved RGB, one plane).
             direct = page.is_tiled and page.planarconfig == 1 and len(lvl.pages) == 1 and axes.endswith("YXS")
             self._pages.append(page if direct else None)
+            self._ycbcr.append(direct and self._mislabelled_ycbcr(page, warnings))
             levels.append(
                 Level(
                     index=i,
@@ -185,13 +190,36 @@ class TiffSlide(Slide):
                     compression=tifffile.COMPRESSION(page.compression).name,
                 )
             )
+        if warnings:
+            metadata["warnings"] = warnings
+        icc = series.levels[0].keyframe.tags.get(34675)  # InterColorProfile
+        self.icc_profile = bytes(icc.value) if icc is not None and icc.value else None
         return levels, metadata
+
+    def _mislabelled_ycbcr(self, page: tifffile.TiffPage, warnings: list[str]) -> bool:
+        """Whether a JPEG level tagged RGB holds YCbCr tiles (:mod:`dicom_io.jpeg_colour`); tifffile
+        converts those with a JFIF marker itself, this reader the others. Adds a warning either way."""
+        if page.compression != tifffile.COMPRESSION.JPEG or page.photometric != tifffile.PHOTOMETRIC.RGB:
+            return False
+        index = next((i for i, n in enumerate(page.databytecounts) if n), None)
+        if index is None:
+            return False
+        fh = self._tif.filehandle
+        fh.seek(page.dataoffsets[index])
+        header = parse_header(fh.read(min(int(page.databytecounts[index]), 1 << 16)))
+        if header is None or header.model is not ColourModel.YCBCR:
+            return False
+        warnings.append(
+            f"{Path(self._tif.filehandle.path).name} page {page.index}: Photometric says RGB but its JPEG tiles "
+            "are YCbCr (JFIF/Adobe marker or subsampled chroma); decoded as YCbCr"
+        )
+        return not header.jfif
 
     def _read_level_region(self, level: Level, x: int, y: int, width: int, height: int) -> np.ndarray:
         page = self._pages[level.index]
         if page is not None:
             try:
-                return self._read_tiles(page, x, y, width, height)
+                return self._read_tiles(page, x, y, width, height, self._ycbcr[level.index])
             except SlideReadError:
                 raise
             except Exception as exc:
@@ -229,7 +257,9 @@ class TiffSlide(Slide):
             self._arrays[index] = array
         return self._arrays[index]
 
-    def _read_tiles(self, page: tifffile.TiffPage, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def _read_tiles(
+        self, page: tifffile.TiffPage, x: int, y: int, width: int, height: int, ycbcr: bool = False
+    ) -> np.ndarray:
         """Read and decode only the tiles under the region (zarr's async layer costs ~3× the decode)."""
         tw, th = int(page.tilewidth), int(page.tilelength)
         columns = -(-int(page.imagewidth) // tw)
@@ -249,10 +279,15 @@ class TiffSlide(Slide):
                         with fh.lock:
                             fh.seek(offset)
                             data = fh.read(count)
-                        segment = decode(data, index, jpegtables=page.jpegtables)[0]
-                        if segment is None:
-                            raise SlideReadError(self.path, f"tile {index} of {page.index} is empty")
-                        tile = segment[0]
+                        if ycbcr:
+                            tile = imagecodecs.jpeg8_decode(
+                                data, tables=page.jpegtables, colorspace="YCBCR", outcolorspace="RGB"
+                            )
+                        else:
+                            segment = decode(data, index, jpegtables=page.jpegtables)[0]
+                            if segment is None:
+                                raise SlideReadError(self.path, f"tile {index} of {page.index} is empty")
+                            tile = segment[0]
                     self._tile_cache.put(key, tile)
                 ty0, tx0 = row * th, col * tw
                 sy0, sx0 = max(y, ty0), max(x, tx0)

@@ -3,6 +3,13 @@
 Headers are checked with pydicom first (``stop_before_pixels``) so a folder
 that holds a CT, or a mix of series, is refused with the reason instead of
 wsidicom's generic "no levels found".
+
+Colour: a level whose header says RGB while its JPEG frames declare YCbCr
+(a JFIF marker, an Adobe transform, subsampled chroma; see
+:mod:`dicom_io.jpeg_colour`) is decoded as the frames say, with a warning in
+the log and in ``metadata["warnings"]`` (shown by ``info``). wsidicom
+believes the header and would skip the YCbCr-to-RGB conversion: false
+colours in every pixel.
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEGBaseline8Bit, JPEGExtended12Bit
 from wsidicom import WsiDicom
+from wsidicom.codec import Decoder
 
 from config.errors import SlideReadError
+from dicom_io.jpeg_colour import ColourModel, declared_model
 from dicom_io.sniff import is_dicom_file
 from pipeline.slide import Level, Slide
 
@@ -117,10 +127,46 @@ class DicomWsiSlide(Slide):
             )
         # wsidicom numbers levels by log2 of the downsample, not by position.
         self._wsi_level = {(wl.size.width, wl.size.height): wl.level for wl in self._wsi.levels}
+        warnings = self._decode_as_frames_declare(dict(volumes))
+        paths = first.get("OpticalPathSequence", [])
+        self.icc_profile = bytes(paths[0].ICCProfile) if paths and "ICCProfile" in paths[0] else None
         meta = _identifiers(first)
+        if warnings:
+            meta["warnings"] = warnings
         meta["dimension_organization"] = sorted({str(ds.get("DimensionOrganizationType", "")) for _, ds in volumes})
         meta["files"] = len(files)
         super().__init__(name, levels, meta)
+
+    def _decode_as_frames_declare(self, headers: dict[Path, pydicom.Dataset]) -> list[str]:
+        """Give every level whose header says RGB but whose JPEG frames declare YCbCr a decoder
+        that converts from YCbCr. Returns the warnings."""
+        warnings: list[str] = []
+        for wl in self._wsi.levels:
+            for instance in wl.instances.values():
+                data = instance.image_data
+                files = [Path(str(f)) for f in getattr(data, "files", [])]
+                ds = headers.get(files[0]) if files else None
+                if ds is None or str(ds.get("PhotometricInterpretation", "")) != "RGB":
+                    continue
+                if UID(ds.file_meta.TransferSyntaxUID) not in (JPEGBaseline8Bit, JPEGExtended12Bit):
+                    continue
+                frame = first_frame(files[0])
+                if frame is None or declared_model(frame) is not ColourModel.YCBCR:
+                    continue
+                data._decoder = Decoder.create(  # type: ignore[attr-defined]
+                    UID(ds.file_meta.TransferSyntaxUID),
+                    int(ds.SamplesPerPixel),
+                    int(ds.BitsStored),
+                    wl.tile_size,
+                    "YBR_FULL_422",
+                )
+                message = (
+                    f"{files[0].name}: Photometric Interpretation says RGB but its JPEG frames are YCbCr "
+                    "(JFIF/Adobe marker or subsampled chroma); decoded as YCbCr"
+                )
+                log.debug("%s", message)  # analyse() logs the slide's warnings once
+                warnings.append(message)
+        return warnings
 
     @staticmethod
     def _check_headers(name: Path, files: list[Path]) -> list[tuple[Path, pydicom.Dataset]]:
@@ -165,6 +211,18 @@ class DicomWsiSlide(Slide):
 
     def close(self) -> None:
         self._wsi.close()
+
+
+def first_frame(path: Path) -> bytes | None:
+    """The first encoded frame of an encapsulated DICOM file, read without loading the rest."""
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+        n = int(ds.get("NumberOfFrames", 1) or 1)
+        with path.open("rb") as fh:
+            fh.seek(ds.get_item("PixelData", keep_deferred=True).value_tell)  # type: ignore[union-attr,attr-defined]
+            return next(generate_frames(fh, number_of_frames=n), None)
+    except (OSError, ValueError, KeyError, AttributeError, StopIteration, InvalidDicomError):
+        return None
 
 
 def series_gaps(files: Iterable[Path]) -> list[str]:

@@ -132,7 +132,9 @@ def _init_worker(
 
         torch.set_num_threads(1)
     keep_freed_memory()  # reuse each tile's memory for the next one (pipeline.allocator)
-    _CTX = _TileContext(opener(), settings, stains, background, tissue_mpp, tissue_shape)
+    slide = opener()
+    slide.manage_colour(settings.stain.icc_profile)
+    _CTX = _TileContext(slide, settings, stains, background, tissue_mpp, tissue_shape)
 
 
 def _process_block(cores: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
@@ -326,6 +328,10 @@ def analyse(
     progress: bool = False,
 ) -> SlideResult:
     """Run the whole pipeline on ``slide``."""
+    for warning in slide.metadata.get("warnings", []):
+        log.warning("%s", warning)
+    if slide.manage_colour(settings.stain.icc_profile):
+        log.info("%s: colours converted from the slide's ICC profile to sRGB", slide.path)
     timings: dict[str, float] = {}
     workers = settings.tiling.workers or (os.cpu_count() or 1)
     context = _worker_context(opener, slide) if workers > 1 and opener is not None else None

@@ -7,10 +7,17 @@ target µm/px, resampling and thumbnails are shared here.
 
 Coordinates: ``x`` is the column, ``y`` the row; every size is ``(width,
 height)`` and every array is ``(rows, columns, 3)`` uint8 RGB.
+
+Colour management: a backend that finds an ICC profile in the slide sets
+:attr:`Slide.icc_profile`; :meth:`Slide.manage_colour` then converts every
+region read to sRGB with it (LittleCMS through Pillow), so the same tissue
+scanned by two scanners reads alike. Off unless asked for
+(``stain.icc_profile``): the stain vectors were chosen on unmanaged RGB.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -19,9 +26,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 
-from config.errors import ConfigError
+from config.errors import ConfigError, SlideReadError
 
 #: Background value used outside the slide (bright-field glass is white).
 BACKGROUND_RGB = 255
@@ -113,6 +120,9 @@ class Slide(ABC):
 
     #: Short format name, e.g. ``"dicom"``, ``"ome-tiff"``, ``"svs"``, ``"tiff"``.
     format: str = "unknown"
+    #: The slide's ICC profile, where it has one (set by the backend).
+    icc_profile: bytes | None = None
+    _colour: Any = None  # the ICC → sRGB transform, while colour management is on
 
     def __init__(self, path: str | Path, levels: list[Level], metadata: dict[str, Any]):
         if not levels:
@@ -130,6 +140,21 @@ class Slide(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
+
+    def manage_colour(self, enabled: bool) -> bool:
+        """Convert every region read from now on from the slide's ICC profile to sRGB (or stop).
+        Returns whether regions are converted: False when off or the slide has no profile."""
+        self._colour = None
+        if not enabled or not self.icc_profile:
+            return False
+        try:
+            profile = ImageCms.ImageCmsProfile(io.BytesIO(self.icc_profile))
+            self._colour = ImageCms.buildTransform(
+                profile, ImageCms.createProfile("sRGB"), "RGB", "RGB", ImageCms.Intent.PERCEPTUAL
+            )
+        except (OSError, ImageCms.PyCMSError) as exc:
+            raise SlideReadError(self.path, f"its ICC profile cannot be used: {exc}") from exc
+        return True
 
     # -- shared behaviour -----------------------------------------------
     def __enter__(self) -> Self:
@@ -156,11 +181,18 @@ class Slide(ABC):
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + width, lv.width), min(y + height, lv.height)
         if (x0, y0, x1, y1) == (x, y, x + width, y + height):  # inside: no white frame to add
-            return self._read_level_region(lv, x, y, width, height)
+            return self._managed(self._read_level_region(lv, x, y, width, height))
         out = np.full((height, width, 3), BACKGROUND_RGB, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_level_region(lv, x0, y0, x1 - x0, y1 - y0)
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._managed(
+                self._read_level_region(lv, x0, y0, x1 - x0, y1 - y0)
+            )
         return out
+
+    def _managed(self, pixels: np.ndarray) -> np.ndarray:
+        if self._colour is None:
+            return pixels
+        return np.asarray(ImageCms.applyTransform(Image.fromarray(pixels), self._colour))
 
     def level_for_mpp(self, target_mpp: float) -> int:
         """Index of the coarsest level at or finer than ``target_mpp``.
@@ -240,5 +272,6 @@ class Slide(ABC):
             "height": self.levels[0].height,
             "mpp": self.levels[0].mpp,
             "levels": [lv.to_dict() for lv in self.levels],
+            "icc_profile": self.icc_profile is not None,
             "metadata": self.metadata,
         }

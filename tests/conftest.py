@@ -78,6 +78,22 @@ def storescu_push(port: int, folder: Path, calling_ae: str = "SCANNER1") -> subp
     )
 
 
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A throw-away certificate and key for ``localhost`` / 127.0.0.1 (openssl)."""
+    openssl = require_tool("openssl")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert)),
+            *("-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
 def ct_image(path: Path) -> Path:
     """A tiny CT image: DICOM, but not a whole-slide image."""
     ds = pydicom.Dataset()

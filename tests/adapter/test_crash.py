@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tests.conftest import require_tool, storescu_push, wait_for
 from tests.orthanc import free_port, running_orthanc
 
 
-def _write_config(tmp_path: Path, scp_port: int, pacs_port: int) -> Path:
+def _write_config(tmp_path: Path, scp_port: int, pacs_port: int, quiet_s: float = 1.0) -> Path:
     cfg = tmp_path / "adapter.toml"
     cfg.write_text(
         f"""
@@ -31,7 +32,7 @@ workers = 1
 [scp]
 host = "127.0.0.1"
 port = {scp_port}
-series_quiet_seconds = 1.0
+series_quiet_seconds = {quiet_s}
 min_free_disk_mb = 1
 [service]
 poll_seconds = 0.2
@@ -161,3 +162,67 @@ def test_sigterm_stops_the_service_cleanly(tmp_path: Path, log_format: str) -> N
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_a_series_acknowledged_just_before_a_restart_is_scored_once(
+    small_slide: SynthOutput, tmp_path: Path, stop: signal.Signals
+) -> None:
+    """Push a series, stop the service within its quiet time, start it again: exactly one result set."""
+    require_tool("storescu")
+    with running_orthanc(tmp_path / "orthanc") as pacs:
+        scp_port = free_port()
+        cfg = _write_config(tmp_path, scp_port, pacs.peer.port, quiet_s=4.0)
+        db = tmp_path / "spool" / "jobs.db"
+        proc = _serve(cfg, tmp_path / "serve.log")
+        try:
+            wait_for(lambda: _listening(scp_port), 60, "the service to listen")
+            assert small_slide.dicom_dir
+            assert storescu_push(scp_port, small_slide.dicom_dir).returncode == 0  # acknowledged
+            os.kill(proc.pid, stop)  # the documented restart, or a crash, inside the 4 s quiet time
+            proc.wait(60)
+            assert _jobs(db) == []  # nothing was queued yet: the series lived only in the spool
+            proc = _serve(cfg, tmp_path / "serve.log")
+            wait_for(lambda: [s for _, s, _ in _jobs(db)] == ["done"], 180, "the series to be scored after restart")
+            with sqlite3.connect(db) as con:
+                wait_for(
+                    lambda: con.execute("SELECT COUNT(*) FROM deliveries WHERE state='pending'").fetchone()[0] == 0,
+                    60,
+                    "delivery",
+                )
+                sent = con.execute("SELECT COUNT(*) FROM deliveries WHERE state='sent'").fetchone()[0]
+            # Stop and start once more: nothing is scored or sent again.
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            proc = _serve(cfg, tmp_path / "serve.log")
+            wait_for(lambda: _listening(scp_port), 60, "the service to listen again")
+            time.sleep(6)  # longer than the quiet time
+            assert [(s, a) for _, s, a in _jobs(db)] == [("done", 1)]
+            instances = pacs.get("/instances")
+            assert sent > 0 and len(instances) == sent
+            modalities = [pacs.get(f"/instances/{i}/simplified-tags")["Modality"] for i in instances]
+            assert modalities.count("SR") == 2 and modalities.count("ANN") == 1
+            assert "event=restored series=1" in (tmp_path / "serve.log").read_text()
+        finally:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_leftovers_of_a_cut_transfer_are_never_part_of_a_series(small_slide: SynthOutput, tmp_path: Path) -> None:
+    """A ``*.part`` file and a pynetdicom temporary file left by a crash are removed at start-up."""
+    assert small_slide.dicom_dir
+    spool = tmp_path / "spool"
+    series = spool / "incoming" / "1.2.826.0.1.3680043.8.498.77"
+    series.mkdir(parents=True)
+    (series / ".1.2.3.abcd.part").write_bytes(b"half an object")
+    (spool / "tmp").mkdir()
+    (spool / "tmp" / "tmpxyz.dcm").write_bytes(b"half a transfer")
+    cfg = _write_config(tmp_path, free_port(), free_port())
+    proc = _serve(cfg, tmp_path / "serve.log")
+    try:
+        wait_for(lambda: "partial_transfers_removed count=2" in (tmp_path / "serve.log").read_text(), 60, "clean-up")
+        assert not list(spool.rglob("*.part")) and not list((spool / "tmp").iterdir())
+        assert _jobs(spool / "jobs.db") == []  # an empty series folder is no series
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)

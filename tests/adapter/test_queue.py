@@ -174,7 +174,8 @@ def test_a_database_of_the_previous_version_is_upgraded_in_place(tmp_path: Path)
             CREATE TABLE deliveries (job_id INTEGER NOT NULL, destination TEXT NOT NULL, file TEXT NOT NULL,
                 state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_try REAL NOT NULL DEFAULT 0,
                 reason TEXT, PRIMARY KEY (job_id, destination, file));
-            INSERT INTO jobs (source_key, kind, path, state, created, updated) VALUES ('dicom:1', 'dicom', '/s', 'done', 0, 0);
+            INSERT INTO jobs (source_key, kind, path, state, created, updated)
+                VALUES ('dicom:1', 'dicom', '/s', 'done', 0, 0);
             INSERT INTO deliveries (job_id, destination, file, state) VALUES (1, 'PACS', '/o/1.dcm', 'pending');
             """
         )

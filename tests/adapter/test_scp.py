@@ -15,7 +15,7 @@ from adapter.scp import StorageSCP
 from adapter.spool import Spool
 from adapter.synth import SynthOutput
 from config.service import ScpConfig
-from tests.conftest import require_tool, storescu_push
+from tests.conftest import require_tool, self_signed_certificate, storescu_push
 from tests.orthanc import free_port
 
 
@@ -126,31 +126,7 @@ def test_tls_listener(tmp_path: Path) -> None:
 
     from pynetdicom import AE
 
-    openssl = require_tool("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(cert),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     config = ScpConfig(host="127.0.0.1", port=free_port(), tls={"certificate": cert, "key": key}, min_free_disk_mb=1)
     server = StorageSCP(config, Spool(tmp_path / "spool"), lambda uid, folder: None)
     server.start()
