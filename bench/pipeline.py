@@ -3,6 +3,7 @@
     python bench/pipeline.py                      # 40000² slide (≥ 1 gigapixel of tissue at 0.5 µm/px)
     python bench/pipeline.py --size 8192 8192 --profile hscore
     python bench/pipeline.py --slide my_slide.svs  # any slide instead of a synthetic one
+    python bench/pipeline.py --set 'nuclei.method="fast"'  # any setting, as for score
 
 Prints, from one run: the JPEG decode rate of the slide's own tiles (the
 ceiling), each stage's MP/s of tiles per core, end-to-end MP/s of tissue
@@ -195,6 +196,7 @@ def main() -> None:
     p.add_argument("--size", type=int, nargs=2, default=(40000, 40000))
     p.add_argument("--slide", help="benchmark this slide instead of a synthetic one")
     p.add_argument("--profile", default="ki67")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, as for score")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--workdir", default="/tmp/ihc-adapter-bench")
     p.add_argument("--sample-tiles", type=int, default=64)
@@ -208,7 +210,7 @@ def main() -> None:
     a = p.parse_args()
 
     path = _slide(a)
-    settings = load_settings(a.profile, [f"tiling.workers={a.workers}"])
+    settings = load_settings(a.profile, [*a.set, f"tiling.workers={a.workers}"])
     mpp = settings.nuclei.requested_pixel_size_um
     decode = _decode_mps(path, 4 * a.sample_tiles)
     baseline = _baseline(path, mpp, a.sample_tiles, settings.tiling.tile_size)

@@ -91,6 +91,12 @@ class TilingSettings(_Frozen):
 class NucleiSettings(_Frozen):
     """Classical nucleus detection (QuPath 'Positive cell detection' terms)."""
 
+    method: Literal["qupath", "fast"] = Field(
+        "fast",
+        description="'qupath': QuPath's watershed cell detection, every parameter meaning what it means there "
+        "(the threshold applies to each candidate region's mean; use it to carry a QuPath protocol over; about "
+        "4-5x slower); 'fast': a per-pixel threshold and a distance-map split, compiled for throughput",
+    )
     detection_image: Literal["hematoxylin", "od_sum"] = Field(
         "hematoxylin", description="QuPath 'Detection image': Hematoxylin OD or Optical density sum"
     )
@@ -105,6 +111,12 @@ class NucleiSettings(_Frozen):
     threshold: float = Field(0.1, gt=0, description="QuPath 'Threshold' on the detection image (OD)")
     max_background: float = Field(2.0, gt=0, description="QuPath 'Max background intensity'")
     split_by_shape: bool = Field(True, description="QuPath 'Split by shape'")
+    exclude_dab: bool = Field(
+        False, description="QuPath 'Exclude DAB (membrane staining)': detect only where haematoxylin OD ≥ DAB OD"
+    )
+    smooth_boundaries: bool = Field(
+        True, description="QuPath 'Smooth boundaries': smooths drawn outlines only; no effect on counts or intensities"
+    )
     cell_expansion_um: float = Field(5.0, ge=0, description="QuPath 'Cell expansion' (the paper used 4)")
     include_nuclei: bool = Field(True, description="QuPath 'Include cell nucleus'")
     model: Path | None = Field(

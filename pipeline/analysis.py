@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -192,6 +193,21 @@ def tile_blocks(
     return [blocks[k] for k in sorted(blocks)]
 
 
+def read_with_margin(slide: Slide, mpp: float, x: int, y: int, w: int, h: int, margin: int) -> np.ndarray:
+    """The region ``(x, y, w, h)`` of the grid at ``mpp`` with ``margin`` pixels around it. Where the
+    margin falls outside the slide, the slide's edge pixels are repeated (ImageJ's and QuPath's
+    convention) instead of white: on a crop whose border cuts through tissue, a white frame would
+    make every cut nucleus a sharp dark-on-white edge."""
+    grid = slide.grid(mpp)
+    x0, y0 = max(x - margin, 0), max(y - margin, 0)
+    x1, y1 = min(x + w + margin, grid.width), min(y + h + margin, grid.height)
+    pixels, _ = slide.read_at_mpp(mpp, x0, y0, x1 - x0, y1 - y0)
+    pads = (y0 - (y - margin), (y + h + margin) - y1, x0 - (x - margin), (x + w + margin) - x1)
+    if not any(pads):
+        return pixels
+    return cv2.copyMakeBorder(pixels, *pads, cv2.BORDER_REPLICATE)
+
+
 def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str, Any]:
     """Read one tile with its margin, find and measure its cells."""
     assert ctx.slide is not None
@@ -199,7 +215,7 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
     margin = int(np.ceil(ctx.settings.tiling.margin_um / mpp))
     x, y, w, h = core
     t0 = time.perf_counter()
-    pixels, _ = ctx.slide.read_at_mpp(mpp, x - margin, y - margin, w + 2 * margin, h + 2 * margin)
+    pixels = read_with_margin(ctx.slide, mpp, x, y, w, h, margin)
     read_s = time.perf_counter() - t0
     out = score_region(ctx, pixels, core, margin)
     out["timings"]["read"] = read_s

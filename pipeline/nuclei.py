@@ -34,7 +34,7 @@ from scipy import ndimage
 
 from config.errors import ConfigError
 from config.settings import IntensitySettings, NucleiSettings
-from pipeline import kernels
+from pipeline import kernels, qupath
 from pipeline.stains import Background, StainMatrix
 from pipeline.torchscript import load_model, model_input, run_model
 
@@ -357,6 +357,9 @@ def detect_cells(
         nuclei = segment_nuclei(
             nucleus_probability, settings.model_copy(update={"threshold": settings.model_threshold}), mpp
         )
+    elif settings.method == "qupath":
+        raw = h_od if settings.detection_image == "hematoxylin" else od_sum
+        nuclei = qupath.detect_nuclei(raw, h_od, dab_od, settings, mpp)
     else:
         det, fine = detection_image(h_od, od_sum, settings, mpp)
         nuclei = segment_nuclei(det, settings, mpp, fine)

@@ -7,6 +7,7 @@ import logging
 import shutil
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,11 +21,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from adapter import http
+from adapter import service as service_module
 from adapter.cli import main
 from adapter.queue import DeliveryState, JobState
 from adapter.service import Service
 from adapter.synth import SynthOutput
 from config.service import ServiceConfig
+from pipeline.analysis import analyse
 from tests.adapter.dicom_files import wsi_object
 from tests.conftest import require_tool, self_signed_certificate, storescu_push, wait_for
 from tests.orthanc import free_port, running_orthanc
@@ -139,17 +142,28 @@ def test_symbolic_links_out_of_the_watch_folder_are_not_followed(
 
 
 def test_a_file_that_changes_while_scored_is_never_done_from_the_old_bytes(
-    incoming: Path, tmp_path: Path, small_slide: SynthOutput
+    incoming: Path, tmp_path: Path, small_slide: SynthOutput, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert small_slide.ome_tiff
+    scoring, resume = threading.Event(), threading.Event()
+
+    def held_analyse(*args: Any, **kwargs: Any) -> Any:
+        result = analyse(*args, **kwargs)
+        if not resume.is_set():  # the first attempt waits while the file changes under it
+            scoring.set()
+            resume.wait(30)
+        return result
+
+    monkeypatch.setattr(service_module, "analyse", held_analyse)
     service = Service(_config(tmp_path, [incoming], watch={"settle_seconds": 0.3}))
     service.start()
     try:
         target = incoming / "slide.ome.tif"
         shutil.copy(small_slide.ome_tiff, target)
-        wait_for(lambda: service.queue.counts()["running"] == 1, 60, "scoring to start")
+        assert scoring.wait(60), "scoring never started"
         with target.open("ab") as fh:  # the copy was only paused: more bytes arrive
             fh.write(b"\0" * 4096)
+        resume.set()
         wait_for(lambda: service.queue.counts()["done"] == 1, 120, "the new version to be scored")
         first, second = service.queue.jobs()
         assert first.state is JobState.SUPERSEDED and "changed" in (first.reason or "")
@@ -161,6 +175,7 @@ def test_a_file_that_changes_while_scored_is_never_done_from_the_old_bytes(
         wait_for(lambda: service.queue.get(second.id).state is JobState.SUPERSEDED, 30, "the grown file to supersede")
         wait_for(lambda: len(service.queue.jobs("done")) == 1 and len(service.queue.jobs()) == 3, 120, "third job")
     finally:
+        resume.set()
         service.stop()
 
 

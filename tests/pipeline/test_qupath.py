@@ -1,0 +1,192 @@
+"""QuPath's cell detection: each step against an independent implementation, and the published QuPath
+v0.3.2 results on the real OS-2 Ki-67 crop (../shared/data/reference/qupath-OS-2-vsi.tsv)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.morphology import h_maxima, local_maxima, reconstruction
+from skimage.segmentation import watershed as skimage_watershed
+
+from adapter.cli import main
+from config.settings import load_settings
+from pipeline import qupath, watershed
+from tests.conftest import shared_file
+
+
+def _blobs(shape: tuple[int, int], centres: list[tuple[int, int, float, float]]) -> np.ndarray:
+    """Gaussian blobs ``(y, x, sigma, height)`` on zero."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    image = np.zeros(shape, np.float32)
+    for y, x, s, a in centres:
+        image += a * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * s * s))
+    return image
+
+
+def test_regional_maxima_are_plateaus_above_every_neighbour() -> None:
+    rng = np.random.default_rng(0)
+    image = cv2.GaussianBlur(rng.random((120, 130)).astype(np.float32), (0, 0), 2.0)
+    image[40:43, 50:53] = image.max() + 1  # a plateau maximum
+    image[0, 10] = image.max() + 5  # on the border: never a maximum
+    labels, n = watershed.regional_maxima(image, -np.inf)
+    expected = local_maxima(image, connectivity=2, allow_borders=False)
+    assert np.array_equal(labels > 0, expected)
+    assert n == ndimage.label(expected, structure=np.ones((3, 3)))[1]
+    assert len(np.unique(labels[40:43, 50:53])) == 1 and labels[0, 10] == 0
+    above, _ = watershed.regional_maxima(image, float(np.median(image)))
+    assert np.array_equal(above > 0, expected & (image >= np.median(image)))
+
+
+def test_flood_splits_basins_at_watershed_lines() -> None:
+    image = _blobs((60, 100), [(30, 30, 8, 1.0), (30, 62, 8, 0.8)])
+    seeds = np.zeros(image.shape, np.int32)
+    seeds[30, 30], seeds[30, 62] = 1, 2
+    allowed = image > 0.05
+    ours = watershed.flood(image, seeds, allowed, watershed.FLOOD_LEVELS)
+    theirs = skimage_watershed(-image, seeds, mask=allowed, connectivity=1, watershed_line=True)
+    assert set(np.unique(ours)) == {0, 1, 2}
+    assert not ours[~allowed].any()  # nothing outside the allowed pixels
+    # Different labels never touch: a line of unlabelled pixels lies between them.
+    a, b = ours[:, :-1], ours[:, 1:]
+    assert not np.any((a > 0) & (b > 0) & (a != b))
+    assert (ours == theirs).mean() > 0.99  # the same basins as a heap-based watershed
+    line = np.flatnonzero((ours[30] == 0) & allowed[30])
+    assert line.size == 1 and 44 <= line[0] <= 50  # the divide lies at the saddle
+
+
+def test_fill_holes_fills_each_region_and_nothing_between_regions() -> None:
+    labels = np.zeros((60, 60), np.int32)
+    labels[5:25, 5:25] = 1
+    labels[10:14, 10:14] = 0  # a hole of region 1
+    labels[30:50, 30:50] = 2
+    labels[30:50, 50:58] = 3
+    labels[35:45, 49:51] = 0  # a gap between regions 2 and 3: not a hole of either
+    labels[0:10, 40:60] = 4
+    labels[0:3, 50:53] = 0  # touches the border: not a hole
+    filled = watershed.fill_holes(labels)
+    assert (filled[10:14, 10:14] == 1).all()
+    assert (filled[35:45, 49:51] == 0).all() and (filled[0:3, 50:53] == 0).all()
+    for k in (1, 4):
+        assert np.array_equal(filled == k, ndimage.binary_fill_holes(labels == k) & ((labels == k) | (labels == 0)))
+
+
+def test_prominent_maxima_match_h_maxima() -> None:
+    image = _blobs((80, 140), [(40, 30, 10, 10.0), (40, 58, 10, 10.0), (40, 100, 9, 9.0), (20, 120, 4, 0.3)])
+    image += _blobs((80, 140), [(40, 44, 3, 0.2)])  # a bump on the saddle, less than 0.5 high
+    inside = np.ones(image.shape, bool)
+    labels = watershed.prominent_maxima(image, inside, 0.5)
+    expected = h_maxima(image.astype(np.float64), 0.5) > 0
+    assert len(np.unique(labels)) - 1 == ndimage.label(expected, structure=np.ones((3, 3)))[1]
+    for y, x in np.argwhere(expected):
+        assert labels[y, x] > 0
+
+
+def test_reconstruction_by_dilation_matches_scikit_image() -> None:
+    rng = np.random.default_rng(3)
+    mask = cv2.GaussianBlur(rng.random((200, 170)).astype(np.float32), (0, 0), 3.0)
+    marker = cv2.erode(mask, qupath.imagej_disk(6))
+    assert np.allclose(watershed.reconstruct(marker, mask), reconstruction(marker, mask, method="dilation"))
+
+
+def test_imagej_disk_and_ridge_height() -> None:
+    assert qupath.imagej_disk(2.5).sum() == 21  # dx² + dy² ≤ 7
+    assert qupath.imagej_disk(0.5).sum() == 5 and qupath.imagej_disk(1).sum() == 9
+    assert qupath.imagej_disk(16).shape == (33, 33)
+    # A 2-pixel-wide bar: the crest runs between pixel centres, one pixel from the edge.
+    binary = np.zeros((20, 30), np.uint8)
+    binary[9:11, 5:25] = 1
+    edm = cv2.distanceTransform(binary, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    ridge = watershed.ridge_height(edm)
+    assert np.allclose(edm[9:11, 8:22], 1.0)
+    assert np.allclose(ridge[9:11, 8:22], 1.5)  # the crest height, not the sampled 1.0
+    assert np.array_equal(ridge[binary == 0], edm[binary == 0])
+
+
+def test_the_threshold_applies_to_the_mean_of_a_candidate_region() -> None:
+    """Two touching pale nuclei whose pixels straddle the threshold: QuPath keeps both (their means
+    are above it) and splits them, where a per-pixel threshold would lose or merge them."""
+    od = _blobs((100, 140), [(50, 55, 7, 0.5), (50, 80, 7, 0.5)]) + 0.02
+    pale = ['nuclei.method="qupath"', "nuclei.threshold=0.25", "nuclei.background_radius_um=0"]
+    settings = load_settings("ki67", pale)
+    labels = qupath.detect_nuclei(od, od, np.zeros_like(od), settings.nuclei, 0.5)
+    assert labels.max() == 2
+    assert labels[50, 55] != labels[50, 80] and labels[50, 55] > 0 and labels[50, 80] > 0
+    assert od[labels > 0].min() < 0.25  # pixels below the threshold belong to the nuclei
+    higher = load_settings("ki67", ['nuclei.method="qupath"', "nuclei.threshold=0.6", "nuclei.background_radius_um=0"])
+    assert qupath.detect_nuclei(od, od, np.zeros_like(od), higher.nuclei, 0.5).max() == 0
+
+
+def test_exclude_dab_ignores_dab_dominant_objects() -> None:
+    h = _blobs((120, 120), [(60, 40, 5, 0.6)]) + 0.05
+    dab = _blobs((120, 120), [(60, 85, 5, 1.0)])  # brown, with no haematoxylin under it
+    for background_um in (0, 8):
+        found = {}
+        for exclude in (False, True):
+            settings = load_settings(
+                "her2",
+                [
+                    'nuclei.method="qupath"',
+                    'nuclei.detection_image="od_sum"',
+                    "nuclei.threshold=0.1",
+                    f"nuclei.background_radius_um={background_um}",
+                    f"nuclei.exclude_dab={str(exclude).lower()}",
+                ],
+            )
+            found[exclude] = qupath.detect_nuclei(h + dab, h, dab, settings.nuclei, 0.5)
+        assert found[False][60, 40] > 0 and found[False][60, 85] > 0 and found[False].max() == 2
+        assert found[True][60, 40] > 0 and found[True][60, 85] == 0 and found[True].max() == 1
+    # The mask itself: haematoxylin-dominant pixels, majority-filtered, grown by 2.5 px.
+    h_od = np.zeros((40, 40), np.float32)
+    dab_od = np.zeros((40, 40), np.float32)
+    dab_od[10:30, 10:30] = 1.0
+    masked = qupath.exclude_dab(np.ones((40, 40), np.float32), h_od, dab_od)
+    assert masked[20, 20] == 0 and masked[10:12, 20].all() and masked[5, 5] == 1 and masked[13, 20] == 0
+
+
+def test_background_subtraction_drops_regions_on_a_dark_background() -> None:
+    od = _blobs((160, 160), [(40, 40, 5, 0.6), (120, 120, 5, 0.6)])
+    od[80:, 80:] += 3.0  # a fold: background above max_background
+    settings = load_settings(
+        "ki67", ['nuclei.method="qupath"', "nuclei.background_radius_um=8", "nuclei.max_background=2"]
+    )
+    labels = qupath.detect_nuclei(od, od, np.zeros_like(od), settings.nuclei, 0.5)
+    assert labels[40, 40] > 0 and labels[120, 120] == 0
+
+
+def _reference() -> list[dict[str, str]]:
+    with shared_file("reference/qupath-OS-2-vsi.tsv").open() as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+@pytest.mark.parametrize("row", range(4))
+def test_qupath_protocol_on_real_ki67_matches_qupath(row: int, tmp_path: Path) -> None:
+    """QuPath v0.3.2's own Ki-67 protocol on OS-2-vsi: cells within 10 %, positive % within 2 points."""
+    ref = _reference()[row]
+    out = tmp_path / "result.json"
+    args = [
+        "score",
+        str(shared_file("OS-2-vsi.ome.tif")),
+        "--profile",
+        "ki67",
+        "--json",
+        str(out),
+        *("--set", 'nuclei.method="qupath"', "--set", 'nuclei.detection_image="od_sum"'),
+        *("--set", "nuclei.background_radius_um=0", "--set", "nuclei.median_radius_um=0"),
+        *("--set", "nuclei.sigma_um=2", "--set", f"nuclei.threshold={ref['detection_threshold']}"),
+        *("--set", "nuclei.min_area_um2=10", "--set", "nuclei.max_area_um2=400", "--set", "nuclei.max_background=2"),
+        *("--set", "nuclei.split_by_shape=true", "--set", "nuclei.exclude_dab=false"),
+        *("--set", "nuclei.cell_expansion_um=0", "--set", "nuclei.smooth_boundaries=true"),
+        *("--set", "stain.background=255", "--set", 'intensity.compartment="nucleus"'),
+        *("--set", 'intensity.statistic="mean"', "--set", f"intensity.single_threshold={ref['dab_threshold']}"),
+    ]
+    assert main(args) == 0
+    tissue = json.loads(out.read_text())["compartments"]["tissue"]
+    cells, positive = int(ref["cells"]), float(ref["positive_percent"])
+    assert abs(tissue["cells"] - cells) <= 0.10 * cells, (tissue["cells"], cells)
+    assert abs(tissue["positive_percent"] - positive) <= 2.0, (tissue["positive_percent"], positive)
