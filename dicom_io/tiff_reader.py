@@ -197,8 +197,9 @@ class TiffSlide(Slide):
         return levels, metadata
 
     def _mislabelled_ycbcr(self, page: tifffile.TiffPage, warnings: list[str]) -> bool:
-        """Whether a JPEG level tagged RGB holds YCbCr tiles (:mod:`dicom_io.jpeg_colour`); tifffile
-        converts those with a JFIF marker itself, this reader the others. Adds a warning either way."""
+        """Whether a JPEG level tagged RGB holds YCbCr tiles that tifffile would decode as RGB
+        (:mod:`dicom_io.jpeg_colour`), with a warning. Tiles with a JFIF marker are not: tifffile
+        converts those itself, as TIFF readers do (OME-TIFFs from Bio-Formats are written so)."""
         if page.compression != tifffile.COMPRESSION.JPEG or page.photometric != tifffile.PHOTOMETRIC.RGB:
             return False
         index = next((i for i, n in enumerate(page.databytecounts) if n), None)
@@ -207,13 +208,13 @@ class TiffSlide(Slide):
         fh = self._tif.filehandle
         fh.seek(page.dataoffsets[index])
         header = parse_header(fh.read(min(int(page.databytecounts[index]), 1 << 16)))
-        if header is None or header.model is not ColourModel.YCBCR:
+        if header is None or header.model is not ColourModel.YCBCR or header.jfif:
             return False
         warnings.append(
             f"{Path(self._tif.filehandle.path).name} page {page.index}: Photometric says RGB but its JPEG tiles "
             "are YCbCr (JFIF/Adobe marker or subsampled chroma); decoded as YCbCr"
         )
-        return not header.jfif
+        return True
 
     def _read_level_region(self, level: Level, x: int, y: int, width: int, height: int) -> np.ndarray:
         page = self._pages[level.index]
