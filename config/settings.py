@@ -234,6 +234,13 @@ class ScoreSettings(_Frozen):
     min_tissue_mm2: float = Field(0.5, ge=0, description="alert when less tissue was found")
     ki67_cutoff_percent: float = Field(20.0, ge=0, le=100, description="Ki-67 clinical cut-off")
     near_cutoff_percent: float = Field(2.5, ge=0, description="alert when within this of a cut-off")
+    her2_noise_floor_percent: float = Field(
+        1.0,
+        ge=0,
+        le=10,
+        description="HER2: tumour cells with complete intense staining (for 2+) or any staining (for ultralow) "
+        "count only when they are at least this share of tumour cells; 0 = a single cell counts",
+    )
     her2_complete_fraction: float = Field(
         0.6, gt=0, le=1, description="membrane fraction above DAB threshold that counts as complete"
     )

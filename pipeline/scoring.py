@@ -55,7 +55,7 @@ def receptor_category(percent: float | None) -> str | None:
     return "positive" if percent >= 10 else "low positive" if percent >= 1 else "negative"
 
 
-def her2_category(membrane_class: np.ndarray, complete: np.ndarray) -> dict[str, Any]:
+def her2_category(membrane_class: np.ndarray, complete: np.ndarray, min_percent: float = 0.0) -> dict[str, Any]:
     """HER2 IHC category of tumour cells per ASCO/CAP 2018 (0 split as in the 2023 update).
 
     ``membrane_class``: 0–3 per tumour cell from membrane DAB; ``complete``:
@@ -64,6 +64,13 @@ def her2_category(membrane_class: np.ndarray, complete: np.ndarray) -> dict[str,
     complete weak-to-moderate staining in > 10 %, or complete intense in
     ≤ 10 %; 1+: incomplete faint staining in > 10 %; 0 otherwise, reported
     as *ultralow* when some (≤ 10 %) cells are stained and *null* when none.
+
+    ``min_percent`` is the noise floor of an automated count: a population
+    under this share of tumour cells is not "present". The guideline's
+    "complete intense in ≤ 10 %" (2+) and "staining in > 0 %" (ultralow)
+    describe what a pathologist sees in the tumour, not one misclassified
+    cell among 10⁵; below the floor the slide is called as if those cells
+    were unstained, and the detail says how many there were.
     """
     n = int(membrane_class.size)
     if n == 0:
@@ -77,14 +84,16 @@ def her2_category(membrane_class: np.ndarray, complete: np.ndarray) -> dict[str,
         "complete_intense_percent": complete_strong,
         "complete_weak_moderate_percent": complete_weak_moderate,
         "stained_percent": any_stained,
+        "noise_floor_percent": min_percent,
     }
     if complete_strong > 10:
         return {"category": "3+", "zero_subtype": None, **detail}
-    if complete_weak_moderate + complete_strong > 10 or complete_strong > 0:
+    if complete_weak_moderate + complete_strong > 10 or complete_strong >= max(min_percent, 1e-12):
         return {"category": "2+", "zero_subtype": None, **detail}
     if any_stained > 10:
         return {"category": "1+", "zero_subtype": None, **detail}
-    return {"category": "0", "zero_subtype": "ultralow" if any_stained > 0 else "null", **detail}
+    ultralow = any_stained >= max(min_percent, 1e-12)
+    return {"category": "0", "zero_subtype": "ultralow" if ultralow else "null", **detail}
 
 
 def compartment_summary(classes: np.ndarray, area_mm2: float, pixel_counts: Counts | None = None) -> dict[str, Any]:
@@ -125,7 +134,9 @@ def profile_scores(
         scores["allred"] = allred(counts)
         scores["category"] = receptor_category(pos)
     elif kind == "her2":
-        scores["her2"] = her2_category(tumour_membrane_class, tumour_membrane_complete)
+        scores["her2"] = her2_category(
+            tumour_membrane_class, tumour_membrane_complete, settings.her2_noise_floor_percent
+        )
     elif kind == "pdl1":
         n = tumour_membrane_class.size
         scores["tps_percent"] = 100.0 * float(np.count_nonzero(tumour_membrane_class >= 1)) / n if n else None

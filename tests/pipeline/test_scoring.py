@@ -61,6 +61,34 @@ def test_her2_asco_cap_categories() -> None:
     assert null["category"] == "0" and null["zero_subtype"] == "null"
 
 
+def test_one_cell_in_100000_does_not_decide_a_her2_case() -> None:
+    n = 100_000
+    one = np.zeros(n, np.int64)
+    one[17] = 3
+    complete = np.zeros(n, bool)
+    complete[17] = True
+    # One complete, intense cell: noise under the 1 % floor (a single cell would make it 2+ without one).
+    assert scoring.her2_category(one, complete, 1.0)["category"] == "0"
+    assert scoring.her2_category(one, complete, 1.0)["zero_subtype"] == "null"
+    assert scoring.her2_category(one, complete, 0.0)["category"] == "2+"
+    # 2 % complete intense is a population: equivocal (2+), as ASCO/CAP says for <= 10 %.
+    many = np.zeros(n, np.int64)
+    many[: 2 * n // 100] = 3
+    full = many > 0
+    assert scoring.her2_category(many, full, 1.0)["category"] == "2+"
+    # Faint incomplete staining: one cell is null, 2 % is ultralow, 11 % is 1+.
+    faint = np.zeros(n, np.int64)
+    faint[5] = 1
+    assert scoring.her2_category(faint, np.zeros(n, bool), 1.0)["zero_subtype"] == "null"
+    assert scoring.her2_category(faint, np.zeros(n, bool), 0.0)["zero_subtype"] == "ultralow"
+    faint[: 2 * n // 100] = 1
+    assert scoring.her2_category(faint, np.zeros(n, bool), 1.0)["zero_subtype"] == "ultralow"
+    faint[: 11 * n // 100] = 1
+    assert scoring.her2_category(faint, np.zeros(n, bool), 1.0)["category"] == "1+"
+    result = scoring.profile_scores("her2", np.zeros(n), one, complete, ScoreSettings())
+    assert result["her2"]["category"] == "0" and result["her2"]["noise_floor_percent"] == 1.0
+
+
 def test_profile_scores_ki67_and_pdl1() -> None:
     s = ScoreSettings()
     k = scoring.profile_scores("ki67", np.array([0, 0, 0, 1, 3]), np.zeros(5), np.zeros(5, bool), s)
