@@ -91,7 +91,6 @@ def regional_maxima(image: np.ndarray, min_value: float) -> tuple[np.ndarray, in
     return labels, n
 
 
-@numba.njit(cache=_CACHE, nogil=True)
 def flood(priority: np.ndarray, seeds: np.ndarray, allowed: np.ndarray, levels: int) -> np.ndarray:
     """Grow ``seeds`` (int32 labels, 0 = none) over the ``allowed`` pixels, highest ``priority`` first.
 
@@ -100,83 +99,82 @@ def flood(priority: np.ndarray, seeds: np.ndarray, allowed: np.ndarray, levels: 
     are never labelled. Returns the new label image.
     """
     h, w = priority.shape
-    labels = seeds.copy()
+    # A one-pixel frame of forbidden, unlabelled pixels: neighbours are index ± 1 and ± (w + 2).
+    labels = np.pad(np.ascontiguousarray(seeds, dtype=np.int32), 1).ravel()
+    inside = np.pad(np.ascontiguousarray(allowed, dtype=np.bool_), 1).ravel()
+    values = np.pad(np.ascontiguousarray(priority, dtype=np.float32), 1).ravel()
+    _flood(values, labels, inside, w + 2, levels)
+    return labels.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _flood(values: np.ndarray, labels: np.ndarray, inside: np.ndarray, stride: int, levels: int) -> None:
+    """The flood on flat, framed arrays: pixels sorted into ``levels`` buckets (a counting sort),
+    then level by level from the top, first in first out: a level's pixels next to a region
+    start it, and a pixel that joins a region brings in its neighbours at or above the level."""
+    n = values.size
     lo, hi = np.inf, -np.inf
-    for y in range(h):
-        for x in range(w):
-            if allowed[y, x]:
-                v = priority[y, x]
-                lo = min(lo, v)
-                hi = max(hi, v)
+    for p in range(n):
+        if inside[p]:
+            v = values[p]
+            if v < lo:
+                lo = v
+            if v > hi:
+                hi = v
     if not hi >= lo:
-        return labels
+        return
     scale = (levels - 1) / (hi - lo) if hi > lo else 0.0
-    head = np.full(levels, -1, np.int64)
-    tail = np.full(levels, -1, np.int64)
-    nxt = np.full(h * w, -1, np.int64)
-    queued = np.zeros((h, w), np.bool_)
-    top = -1
-    for y in range(h):
-        for x in range(w):
-            if labels[y, x] != 0 or not allowed[y, x]:
-                queued[y, x] = True
-    for y in range(h):
-        for x in range(w):
-            if queued[y, x]:
-                continue
-            touches = False
-            for k in range(4):
-                qy, qx = y + _DY4[k], x + _DX4[k]
-                if 0 <= qy < h and 0 <= qx < w and labels[qy, qx] != 0:
-                    touches = True
-            if touches:
-                queued[y, x] = True
-                b = int((priority[y, x] - lo) * scale)
-                p = y * w + x
-                if head[b] < 0:
-                    head[b] = p
-                else:
-                    nxt[tail[b]] = p
-                tail[b] = p
-                top = max(top, b)
-    while top >= 0:
-        p = head[top]
-        if p < 0:
-            top -= 1
-            continue
-        head[top] = nxt[p]
-        if head[top] < 0:
-            tail[top] = -1
-        y, x = p // w, p % w
-        label = 0
-        clash = False
-        for k in range(4):
-            qy, qx = y + _DY4[k], x + _DX4[k]
-            if 0 <= qy < h and 0 <= qx < w:
-                q = labels[qy, qx]
+    key = np.zeros(n, np.int32)
+    start = np.zeros(levels + 1, np.int64)
+    queued = np.empty(n, np.bool_)
+    for p in range(n):
+        queued[p] = labels[p] != 0 or not inside[p]
+        if not queued[p]:
+            k = int((values[p] - lo) * scale)
+            key[p] = k
+            start[k + 1] += 1
+    for k in range(levels):
+        start[k + 1] += start[k]
+    order = np.empty(start[levels], np.int64)
+    fill = start[:levels].copy()
+    for p in range(n):
+        if not queued[p]:
+            order[fill[key[p]]] = p
+            fill[key[p]] += 1
+    fifo = np.empty(n, np.int64)
+    offsets = (-stride, -1, 1, stride)
+    for level in range(levels - 1, -1, -1):
+        head = 0
+        tail = 0
+        for i in range(start[level], start[level + 1]):
+            p = order[i]
+            if not queued[p] and (
+                labels[p - stride] != 0 or labels[p - 1] != 0 or labels[p + 1] != 0 or labels[p + stride] != 0
+            ):
+                queued[p] = True
+                fifo[tail] = p
+                tail += 1
+        while head < tail:
+            p = fifo[head]
+            head += 1
+            label = 0
+            clash = False
+            for d in offsets:
+                q = labels[p + d]
                 if q != 0:
                     if label == 0:
                         label = q
                     elif q != label:
                         clash = True
-        if clash or label == 0:
-            continue  # a watershed line
-        labels[y, x] = label
-        for k in range(4):
-            qy, qx = y + _DY4[k], x + _DX4[k]
-            if 0 <= qy < h and 0 <= qx < w and not queued[qy, qx]:
-                queued[qy, qx] = True
-                b = int((priority[qy, qx] - lo) * scale)
-                q = qy * w + qx
-                nxt[q] = -1
-                if head[b] < 0:
-                    head[b] = q
-                else:
-                    nxt[tail[b]] = q
-                tail[b] = q
-                if b > top:
-                    top = b
-    return labels
+            if clash or label == 0:
+                continue  # a watershed line
+            labels[p] = label
+            for d in offsets:
+                q = p + d
+                if not queued[q] and key[q] >= level:
+                    queued[q] = True
+                    fifo[tail] = q
+                    tail += 1
 
 
 def fill_holes(labels: np.ndarray) -> np.ndarray:
