@@ -97,8 +97,10 @@ class NucleiSettings(_Frozen):
         "(the threshold applies to each candidate region's mean; use it to carry a QuPath protocol over; about "
         "4-5x slower); 'fast': a per-pixel threshold and a distance-map split, compiled for throughput",
     )
-    detection_image: Literal["hematoxylin", "od_sum"] = Field(
-        "hematoxylin", description="QuPath 'Detection image': Hematoxylin OD or Optical density sum"
+    detection_image: Literal["hematoxylin", "od_sum", "stain_sum"] = Field(
+        "hematoxylin",
+        description="QuPath 'Detection image': 'hematoxylin' (Hematoxylin OD) or 'od_sum' (Optical density sum); "
+        "'stain_sum': haematoxylin + DAB OD, which sees brown nuclei as well as blue ones without the residual",
     )
     requested_pixel_size_um: float = Field(
         0.5, gt=0.05, le=4.0, description="QuPath 'Requested pixel size': the analysis µm/px (the paper used 0.46)"

@@ -90,12 +90,30 @@ def _square(size: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_RECT, (size, size))
 
 
+def raw_detection_image(
+    h_od: np.ndarray, dab_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings
+) -> np.ndarray:
+    """The detection image before any filtering: haematoxylin OD, the OD sum, or the sum of the two
+    stains' OD (``stain_sum``: nuclei whether blue or brown, without the residual); with
+    ``exclude_dab``, kept only where haematoxylin dominates (:func:`pipeline.qupath.exclude_dab`)."""
+    if settings.detection_image == "hematoxylin":
+        det = h_od
+    elif settings.detection_image == "od_sum":
+        det = od_sum
+    else:
+        det = h_od + np.maximum(dab_od, 0)
+    det = np.ascontiguousarray(det, dtype=np.float32)
+    if settings.exclude_dab and settings.method == "fast":
+        det = qupath.exclude_dab(det, h_od, dab_od)  # the QuPath method applies it in its own place
+    return det
+
+
 def detection_image(
-    h_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings, mpp: float
+    h_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings, mpp: float, dab_od: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Steps 1–3: the smoothed image the threshold is applied to, and a finely
     smoothed one (σ = 0.5 µm) that trims each nucleus to its own pixels."""
-    det = np.ascontiguousarray(h_od if settings.detection_image == "hematoxylin" else od_sum, dtype=np.float32)
+    det = raw_detection_image(h_od, np.zeros_like(h_od) if dab_od is None else dab_od, od_sum, settings)
     if settings.median_radius_um > 0:
         det = ndimage.median_filter(det, footprint=_disk(settings.median_radius_um / mpp))
     valid = None
@@ -358,10 +376,10 @@ def detect_cells(
             nucleus_probability, settings.model_copy(update={"threshold": settings.model_threshold}), mpp
         )
     elif settings.method == "qupath":
-        raw = h_od if settings.detection_image == "hematoxylin" else od_sum
+        raw = raw_detection_image(h_od, dab_od, od_sum, settings)
         nuclei = qupath.detect_nuclei(raw, h_od, dab_od, settings, mpp)
     else:
-        det, fine = detection_image(h_od, od_sum, settings, mpp)
+        det, fine = detection_image(h_od, od_sum, settings, mpp, dab_od)
         nuclei = segment_nuclei(det, settings, mpp, fine)
     cells, dist = kernels.expand_cells(nuclei, settings.cell_expansion_um / mpp)
     table = measure_cells(nuclei, cells, dist, h_od, dab_od, mpp, intensity, settings.include_nuclei)
