@@ -3,10 +3,14 @@
     python bench/accuracy.py [--size 4096] [--profile ki67]
     python bench/accuracy.py --profile her2 --localisation membranous
 
-For a typical (40 % tumour), a low-tumour (5 %) and a stain-varied slide:
-cell detection F1 (centroids within 4 µm), intensity-class accuracy,
-per-compartment H-score error (measured − truth), tumour IoU and the alerts raised. The last
-line is one JSON object.
+For a typical (40 % tumour), a low-tumour (5 %) and a stain-varied slide,
+and, with ``--hard``, the hard cases of real slides (a pale counterstain,
+brown nuclei with little haematoxylin left under saturated DAB, an
+off-vector stain with a scanner colour cast; DAB drawn without gaps at the
+class cut-offs): cell detection F1 (centroids within 4 µm) and recall, the
+recall of DAB-positive (2+ and 3+) nuclei, intensity-class accuracy,
+per-compartment H-score and tumour positive-% error (measured − truth),
+tumour IoU and the alerts raised. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -53,10 +57,20 @@ def evaluate(spec: SynthSpec, workdir: Path, profile: str, overrides: list[str])
     for c in ("tumour", "stroma", "tissue"):
         got, want = r.compartment_stats[c]["h_score"], out.truth["compartments"][c]["h_score"]
         errors[c] = None if got is None or want is None else round(got - want, 2)
+    found = np.zeros(len(t), bool)
+    found[j[ok]] = True
+    strong = truth["intensity_class"] >= 2
+    got_pos = r.compartment_stats["tumour"]["positive_percent"]
+    want_pos = out.truth["compartments"]["tumour"]["positive_percent"]
     return {
         "tumour_fraction_truth": round(out.truth["tumour_fraction"], 3),
         "tumour_fraction": round(r.tumour_fraction, 3),
         "f1": round(2 * precision * recall / max(1e-9, precision + recall), 3),
+        "recall": round(recall, 3),
+        "recall_dab_positive": round(float(found[strong].mean()), 3) if strong.any() else None,
+        "tumour_positive_percent_error": None
+        if got_pos is None or want_pos is None
+        else round(got_pos - want_pos, 2),
         "class_accuracy": round(float((r.cells["intensity_class"][ok] == truth["intensity_class"][j[ok]]).mean()), 3),
         "h_score_error": errors,
         "tumour_iou": round(iou, 3),
@@ -75,6 +89,7 @@ def main() -> None:
         help="where the synthetic DAB sits (membranous with --profile her2 or pdl1)",
     )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--hard", action="store_true", help="the hard cases of real slides instead of the three above")
     a = p.parse_args()
     n = a.size
     specs = {
@@ -91,6 +106,16 @@ def main() -> None:
             localisation=a.localisation,
         ),
     }
+    if a.hard:
+        common = {"width": n, "height": n, "tumour_fraction": 0.4, "localisation": a.localisation}
+        common["continuous_dab"] = True
+        specs = {
+            "pale_counterstain": SynthSpec(seed=41, counterstain_scale=0.35, **common),
+            "dab_dominant": SynthSpec(
+                seed=42, dab_masks_hematoxylin=0.85, strong_dab_od=1.5, tumour_classes=(0.3, 0.1, 0.2, 0.4), **common
+            ),
+            "off_vector": SynthSpec(seed=43, stain_jitter_deg=8, colour_cast=(1.0, 0.94, 0.86), **common),
+        }
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in specs.items():
@@ -101,6 +126,7 @@ def main() -> None:
             {
                 "profile": a.profile,
                 "localisation": a.localisation,
+                "hard": a.hard,
                 "overrides": a.overrides,
                 "size": n,
                 "slides": report,

@@ -27,6 +27,8 @@ BACKGROUND, TUMOUR, STROMA, FAT = 0, 1, 2, 3
 COMPARTMENT_NAMES = {BACKGROUND: "background", TUMOUR: "tumour", STROMA: "stroma", FAT: "fat"}
 #: Mean DAB OD bands painted for negative, 1+, 2+, 3+ cells.
 CLASS_DAB_BANDS = ((0.0, 0.1), (0.25, 0.35), (0.45, 0.55), (0.7, 0.9))
+#: The same classes drawn without gaps (``continuous_dab``): cells lie right at the cut-offs too.
+CONTIGUOUS_DAB_BANDS = ((0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.9))
 #: Class boundaries on mean DAB OD (1+ from 0.2, 2+ from 0.4, 3+ from 0.6).
 CLASS_CUTS = (0.2, 0.4, 0.6)
 #: Side of a cell-placement block in µm.
@@ -56,6 +58,27 @@ class SynthSpec(BaseModel):
     dab_scale_jitter: float = Field(0.0, ge=0.0, le=0.5, description="random ± scale of all DAB")
     noise_sigma: float = Field(2.0, ge=0.0, le=20.0, description="sensor noise, 8-bit units")
     background: float = Field(242.0, ge=150.0, le=255.0, description="glass brightness")
+    counterstain_scale: float = Field(
+        1.0, gt=0.0, le=3.0, description="haematoxylin strength (0.3-0.4: a pale counterstain)"
+    )
+    dab_masks_hematoxylin: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of a nucleus' haematoxylin hidden under strong nuclear DAB (0.8: brown nuclei "
+        "with little blue left, as in real Ki-67 3+ nuclei)",
+    )
+    strong_dab_od: float = Field(
+        0.9, gt=0.6, le=2.5, description="top of the 3+ DAB range (above ~1.4 dark pixels saturate)"
+    )
+    continuous_dab: bool = Field(
+        False,
+        description="draw each cell's DAB from contiguous class ranges that meet at the cut-offs (no gaps), "
+        "so classes near a cut-off are as hard as on a real slide",
+    )
+    colour_cast: tuple[float, float, float] = Field(
+        (1.0, 1.0, 1.0), description="per-channel gain of the scanner (white balance), applied to the light"
+    )
     jpeg_quality: int = Field(90, ge=30, le=100)
     tile_size: int = Field(512, ge=64, le=4096)
 
@@ -284,15 +307,19 @@ class SlideModel:
                 rng.choice(4, ns, p=np.asarray(spec.stroma_classes)),
             ]
         ).astype(np.int64)
-        bands = np.asarray(CLASS_DAB_BANDS)
+        bands = np.asarray(CONTIGUOUS_DAB_BANDS if spec.continuous_dab else CLASS_DAB_BANDS, dtype=np.float64)
+        bands[3, 1] = spec.strong_dab_od
         dab = rng.uniform(bands[drawn, 0], bands[drawn, 1]) * self.dab_scale
+        h_od = np.concatenate([rng.uniform(0.45, 0.75, nt), rng.uniform(0.55, 0.85, ns)]) * spec.counterstain_scale
+        if spec.localisation == "nuclear" and spec.dab_masks_hematoxylin > 0:
+            h_od *= 1.0 - spec.dab_masks_hematoxylin * np.minimum(dab / 0.8, 1.0)
         return {
             "x_um": np.concatenate([txa, sxa]),
             "y_um": np.concatenate([tya, sya]),
             "a_um": a,
             "b_um": b,
             "theta": theta,
-            "h_od": np.concatenate([rng.uniform(0.45, 0.75, nt), rng.uniform(0.55, 0.85, ns)]),
+            "h_od": h_od,
             "expand_um": np.concatenate([np.full(nt, 3.5), np.full(ns, 1.2)]),
             "dab_od": dab,
             "compartment": comp,

@@ -70,7 +70,7 @@ def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> R
         conc_d = ndimage.gaussian_filter(conc_d, sigma_px)
     conc = np.stack([conc_h[core], conc_d[core]], axis=-1)
     od = conc @ model.stain_matrix
-    rgb = spec.background * np.power(10.0, -od)
+    rgb = spec.background * np.asarray(spec.colour_cast) * np.power(10.0, -od)
     if spec.noise_sigma > 0:
         rgb += rng.normal(0.0, spec.noise_sigma, rgb.shape)
     pixels = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
@@ -82,15 +82,16 @@ def _paint_matrix(
 ) -> None:
     """Extracellular matrix: fibrous stroma, faint tumour background, empty fat."""
     seed = model.spec.seed
+    pale = model.spec.counterstain_scale
     stroma = labels == STROMA
     if stroma.any():
         fibre = _fibres(model.stroma_angle(xx[stroma], yy[stroma]), xx[stroma], yy[stroma], seed)
-        conc_h[stroma] = 0.04 + 0.08 * fibre**2
+        conc_h[stroma] = (0.04 + 0.08 * fibre**2) * pale
         conc_d[stroma] = 0.01
     tumour = labels == TUMOUR
-    conc_h[tumour] = 0.06
+    conc_h[tumour] = 0.06 * pale
     conc_d[tumour] = 0.01
-    conc_h[labels == FAT] = 0.005
+    conc_h[labels == FAT] = 0.005 * pale
 
 
 #: Fibre orientations blended by the local flow angle (radians).
@@ -161,8 +162,9 @@ def _paint_cells(
     chrom = value_noise(xx / 1.2, yy / 1.2, seed * 31 + 7)
     speckle = value_noise(xx / 0.8, yy / 0.8, seed * 31 + 11)
     tumour_cell = cells["compartment"][owner] == TUMOUR
-    conc_h[cytoplasm] = np.where(tumour_cell[cytoplasm], 0.10, 0.07)
-    conc_h[membrane] = 0.12
+    pale = spec.counterstain_scale
+    conc_h[cytoplasm] = np.where(tumour_cell[cytoplasm], 0.10, 0.07) * pale
+    conc_h[membrane] = 0.12 * pale
     conc_h[nucleus] = cells["h_od"][owner][nucleus] * (0.7 + 0.6 * chrom[nucleus])
 
     dab = cells["dab_od"][owner] * (0.85 + 0.3 * speckle)

@@ -116,3 +116,39 @@ def test_generated_truth_is_consistent(small_slide: SynthOutput) -> None:
     assert (cells["y_px"] >= 0).all() and (cells["y_px"] < 760).all()
     assert 0.2 < truth["tumour_fraction"] < 0.6
     assert (small_slide.truth_dir / "compartments.png").exists()
+
+
+def _nuclear_od(spec: SynthSpec) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Cells of a tumour-rich tile and the haematoxylin / DAB OD of its pixels."""
+    from pipeline.stains import deconvolve
+
+    model = SlideModel(spec)
+    tile = render_tile(model, 0, 0, 512, 512)
+    return tile.cells, deconvolve(tile.pixels, StainMatrix(*map(tuple, model.stain_matrix)), spec.background)
+
+
+def test_hard_cases_of_real_slides() -> None:
+    base = {"width": 512, "height": 512, "seed": 9, "tumour_fraction": 0.8, "noise_sigma": 0.0}
+    plain_cells, plain = _nuclear_od(SynthSpec(**base))
+    # A pale counterstain: every nucleus' haematoxylin scaled down, the same cells.
+    pale_cells, pale = _nuclear_od(SynthSpec(**base, counterstain_scale=0.35))
+    assert np.allclose(pale_cells["h_od"], 0.35 * plain_cells["h_od"])
+    assert np.percentile(pale[..., 0], 99) < 0.5 * np.percentile(plain[..., 0], 99)
+    # Brown nuclei with little haematoxylin left: the more DAB, the less blue.
+    masked, _ = _nuclear_od(SynthSpec(**base, dab_masks_hematoxylin=0.85))
+    strong = masked["dab_od"] >= 0.8
+    assert strong.any()
+    assert np.allclose(masked["h_od"][strong], 0.15 * plain_cells["h_od"][strong])
+    # Saturated DAB: the darkest channel of the strongest nuclei sits at the floor of the 8-bit range.
+    dark = render_tile(SlideModel(SynthSpec(**base, strong_dab_od=2.2, tumour_classes=(0, 0, 0, 1))), 0, 0, 256, 256)
+    assert (dark.pixels[..., 2] <= 5).sum() > 100
+    # DAB drawn without gaps: cells lie right at the class cut-offs, and their classes follow the cut-offs.
+    many = SlideModel(SynthSpec(width=4096, height=4096, seed=3, continuous_dab=True)).cells_in(0, 0, 1024, 1024)
+    near = np.abs(many["dab_od"][:, None] - np.array([0.2, 0.4, 0.6])[None]).min(axis=1)
+    assert (near < 0.01).sum() > 20
+    assert np.array_equal(many["intensity_class"], np.digitize(many["dab_od"], [0.2, 0.4, 0.6]))
+    gapped = SlideModel(SynthSpec(width=4096, height=4096, seed=3)).cells_in(0, 0, 1024, 1024)
+    assert (np.abs(gapped["dab_od"][:, None] - np.array([0.2, 0.4, 0.6])[None]).min(axis=1) < 0.04).sum() == 0
+    # A scanner colour cast: glass is no longer neutral.
+    cast = render_tile(SlideModel(SynthSpec(**base, colour_cast=(1.0, 0.94, 0.86))), 0, 0, 64, 64).pixels
+    assert cast[0, 0, 0] - cast[0, 0, 2] > 25
