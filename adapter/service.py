@@ -37,7 +37,7 @@ from adapter.http import StatusServer
 from adapter.logs import event
 from adapter.queue import FINAL_STATES, Job, JobQueue, JobState, Submitted
 from adapter.scp import StorageSCP
-from adapter.spool import Spool, content_key, folder_fingerprint
+from adapter.spool import Spool, content_key, file_digest, folder_fingerprint
 from adapter.watch import FolderWatcher
 from config.errors import IhcAdapterError, SlideReadError
 from config.service import Destination, ServiceConfig
@@ -52,11 +52,7 @@ log = logging.getLogger(__name__)
 
 def file_key(path: Path) -> str:
     """Content hash of a file, so the same slide under two names is one job."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return f"sha256:{h.hexdigest()}"
+    return f"sha256:{file_digest(path)}"
 
 
 def file_fingerprint(path: Path) -> str:
