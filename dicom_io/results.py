@@ -51,9 +51,15 @@ def uid_path(root: Path, ds: pydicom.Dataset) -> Path:
     return root.joinpath(parts[0], parts[1], f"{parts[2]}.dcm")
 
 
+#: Every object we write declares UTF-8: units such as "mm²" and "µm" and names copied from the
+#: source are then encoded as declared, whatever character set the source had (or lacked).
+CHARACTER_SET = "ISO_IR 192"
+
+
 def save(ds: pydicom.Dataset, root: Path) -> Path:
     path = uid_path(root, ds)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ds.SpecificCharacterSet = CHARACTER_SET
     if "TotalPixelMatrixColumns" in ds and "PatientOrientation" not in ds:
         ds.PatientOrientation = ""  # Type 2C of General Image for slide-coordinate images
     tmp = path.with_suffix(".part")

@@ -230,3 +230,33 @@ def test_heatmap_values_are_block_h_scores(dicom_results: tuple[SlideResult, Wri
             assert pixels[row, col] == round(expected), (x, y)
             checked += 1
     assert checked >= 3
+
+
+def test_results_of_a_source_without_a_character_set_declare_utf8(
+    small_slide: SynthOutput, tmp_path: Path
+) -> None:
+    """Units such as "mm²" and "µm" must be declared: from a source without Specific Character Set every
+    object says ISO_IR 192, dciodvfy reports no invalid character and dsrdump renders the KOS and SRs."""
+    assert small_slide.dicom_dir
+    source = tmp_path / "no-charset"
+    source.mkdir()
+    for path in small_slide.dicom_dir.glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        del ds.SpecificCharacterSet
+        ds.save_as(source / path.name)
+    with open_slide(source) as slide:
+        result = analyse(slide, load_settings("ki67", ["tiling.workers=1", "outputs.heatmap=true"]))
+        written = write_results(result, slide, tmp_path / "out")
+    assert "ko" in written.dicom  # the small slide raises LITTLE_TISSUE
+    dciodvfy, dsrdump = require_tool("dciodvfy"), require_tool("dsrdump")
+    for path in written.all_dicom():
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert ds.SpecificCharacterSet == "ISO_IR 192", path.name
+        run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=120)
+        assert "invalid character" not in (run.stdout + run.stderr).lower(), path.name
+    for kind in ("ko", "sr", "viewer_sr"):
+        for path in written.dicom[kind]:
+            run = subprocess.run([dsrdump, str(path)], capture_output=True, text=True, timeout=60)
+            assert run.returncode == 0 and "E:" not in run.stderr, (kind, run.stderr)
+    kos = subprocess.run([dsrdump, str(written.dicom["ko"][0])], capture_output=True, text=True, timeout=60)
+    assert "mm²" in kos.stdout or "mm2" in kos.stdout or "LITTLE_TISSUE" in kos.stdout
