@@ -218,14 +218,16 @@ class _PyramidSource(Source):
         super().__init__()
         dataset = WsiMetadataDicomSchema().dump(metadata, ImageType.VOLUME, require_icc_profile=True)
         self._base = WsiDataset(dataset)
+        # A level's pyramid index > 0 makes wsidicom write it DERIVED\\PRIMARY\\VOLUME\\RESAMPLED:
+        # one original image per slide, as viewers (Slim) expect.
         self._instances = [
             WsiInstance.create_instance(
                 EncodedLevelImageData(lv, _compression_ratio(lv)),
                 copy.deepcopy(dataset),
                 ImageType.VOLUME,
-                pyramid_index=0,
+                pyramid_index=i,
             )
-            for lv in levels
+            for i, lv in enumerate(levels)
         ]
 
     @property

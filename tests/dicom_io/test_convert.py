@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 
 from adapter.synth import SynthOutput
@@ -40,3 +41,16 @@ def test_sidecar_errors_name_the_key(small_slide: SynthOutput, tmp_path: Path) -
         bad.write_text(json.dumps({"patient_birth_date": "1970-13-45"}))
         with pytest.raises(ConfigError, match=r"sidecar\.patient_birth_date='1970-13-45'"):
             identity_from_sidecar(bad, src)
+
+
+def test_resampled_levels_say_so(small_slide: SynthOutput) -> None:
+    """One ORIGINAL image per slide: every level resampled from it is DERIVED\\PRIMARY\\VOLUME\\RESAMPLED."""
+    assert small_slide.dicom_dir
+    levels = sorted(
+        (pydicom.dcmread(p, stop_before_pixels=True) for p in small_slide.dicom_dir.glob("*.dcm")),
+        key=lambda ds: -int(ds.TotalPixelMatrixColumns),
+    )
+    assert len(levels) >= 2
+    assert list(levels[0].ImageType) == ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    for ds in levels[1:]:
+        assert list(ds.ImageType) == ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
