@@ -47,9 +47,6 @@ class JobState(enum.StrEnum):
 #: States a job leaves only when it is submitted again or retried.
 FINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.QUARANTINED, JobState.SUPERSEDED)
 
-#: Kept for callers that list the states.
-STATES = tuple(JobState)
-
 
 class DeliveryState(enum.StrEnum):
     PENDING = "pending"
@@ -360,11 +357,6 @@ class JobQueue:
                 "VALUES (?, ?, ?, 'pending', ?)",
                 [(job_id, destination, f, now) for f in files],
             )
-
-    def cancel_deliveries(self, job_id: int, reason: str) -> int:
-        """Cancel a job's pending deliveries (a newer attempt replaces them); returns how many."""
-        with self._tx() as db:
-            return self._cancel_in(db, job_id, reason)
 
     @staticmethod
     def _cancel_in(db: sqlite3.Connection, job_id: int, reason: str) -> int:

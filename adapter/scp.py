@@ -49,15 +49,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from adapter.logs import event
-from adapter.spool import Spool, SpoolError, Stored
+from adapter.spool import Spool, SpoolError, Stored, instance_uids
 from config.service import ScpConfig
-from dicom_io.uids import is_uid
 from dicom_io.wsi_reader import WSI_SOP_CLASS, series_gaps
 
 log = logging.getLogger(__name__)
@@ -395,23 +393,9 @@ class StorageSCP:
             return OUT_OF_RESOURCES
         tmp = Path(ev.dataset_path)
         try:
-            ds = pydicom.dcmread(tmp, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
-            series_uid, sop_uid = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-        except Exception as exc:  # not a dataset, empty, or without UIDs: the sender cannot fix it by retrying
-            event(log, "store_refused", logging.WARNING, calling_ae=calling, reason=f"cannot read the dataset: {exc}")
-            return CANNOT_UNDERSTAND
-        if not (is_uid(series_uid) and is_uid(sop_uid)):
-            event(
-                log,
-                "store_refused",
-                logging.WARNING,
-                calling_ae=calling,
-                reason=f"malformed UIDs: series {series_uid[:80]!r}, instance {sop_uid[:80]!r}",
-            )
-            return CANNOT_UNDERSTAND
-        try:
+            series_uid, sop_uid = instance_uids(tmp)
             outcome, path = self.spool.store(tmp, series_uid, sop_uid)
-        except SpoolError as exc:
+        except SpoolError as exc:  # unreadable, no UIDs, malformed UIDs: retrying cannot help
             event(log, "store_refused", logging.WARNING, calling_ae=calling, reason=str(exc))
             return CANNOT_UNDERSTAND
         except OSError as exc:

@@ -29,6 +29,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pydicom
+
 from config.errors import IhcAdapterError
 from dicom_io.uids import is_uid
 
@@ -53,6 +55,16 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def instance_uids(path: Path) -> tuple[str, str]:
+    """``(SeriesInstanceUID, SOPInstanceUID)`` of a DICOM object, read without its pixels; a
+    :class:`SpoolError` when they cannot be read (:meth:`Spool.store` checks their syntax)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"])
+        return str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+    except Exception as exc:  # not a data set, empty, truncated, no UIDs: pydicom raises many types
+        raise SpoolError(f"no readable Series/SOP Instance UIDs: {exc}") from exc
 
 
 def file_digest(path: Path) -> str:
@@ -126,13 +138,13 @@ class Spool:
     # -- paths -----------------------------------------------------------------------
     def series_folder(self, series_uid: str) -> Path:
         if not is_uid(series_uid):
-            raise SpoolError(f"Series Instance UID {series_uid!r} is not a DICOM UID")
+            raise SpoolError(f"Series Instance UID {series_uid[:80]!r} is not a DICOM UID")
         return self._inside(self.incoming / series_uid)
 
     def instance_path(self, series_uid: str, sop_uid: str) -> Path:
         """``incoming/<series>/<sop>.dcm``, refusing anything that is not a UID or leaves the spool."""
         if not is_uid(sop_uid):
-            raise SpoolError(f"SOP Instance UID {sop_uid!r} is not a DICOM UID")
+            raise SpoolError(f"SOP Instance UID {sop_uid[:80]!r} is not a DICOM UID")
         return self._inside(self.series_folder(series_uid) / f"{sop_uid}.dcm")
 
     def _inside(self, path: Path) -> Path:
@@ -154,13 +166,6 @@ class Spool:
         return shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
 
     # -- storing ---------------------------------------------------------------------
-    def temporary_file(self, suffix: str = ".dcm") -> Path:
-        """A new, empty, uniquely named file under ``tmp/`` (the caller removes it)."""
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.tmp, suffix=suffix)
-        os.close(fd)
-        return Path(name)
-
     def store(self, src: Path, series_uid: str, sop_uid: str) -> tuple[Stored, Path]:
         """Copy ``src`` into the spool durably; see :class:`Stored` for the outcomes."""
         dst = self.instance_path(series_uid, sop_uid)

@@ -28,13 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
-from pydicom.errors import InvalidDicomError
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from adapter.logs import event
-from adapter.spool import Spool, SpoolError, Stored
+from adapter.spool import Spool, SpoolError, Stored, instance_uids
 from config.service import WatchConfig
 from dicom_io.sniff import is_dicom_file
 
@@ -212,14 +210,7 @@ class FolderWatcher(FileSystemEventHandler):
                 # operator sees it quarantined with its reason instead of silently ignored.
                 self.on_file(path)
                 return
-            try:
-                ds = pydicom.dcmread(
-                    path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID", "SOPInstanceUID"]
-                )
-                uid, sop = str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-            except (AttributeError, InvalidDicomError) as exc:
-                self._problem(path, f"DICOM file without readable Series/SOP Instance UIDs: {exc}")
-                return
+            uid, sop = instance_uids(path)
             outcome, _ = self.spool.store(path, uid, sop)
             if outcome is Stored.CONFLICT:
                 self._problem(path, f"a different object is already held under SOP Instance UID {sop}")
