@@ -22,7 +22,6 @@ can be retried. Finished jobs' files are deleted after ``retention.keep_days``.
 from __future__ import annotations
 
 import functools
-import hashlib
 import ipaddress
 import logging
 import shutil
@@ -64,19 +63,10 @@ def file_fingerprint(path: Path) -> str:
 def _grew_from(path: Path, old: Job) -> bool:
     """Whether ``path`` now starts with exactly the bytes ``old`` scored (it has grown since)."""
     try:
-        size = int((old.fingerprint or "").split(":")[0])
-        h = hashlib.sha256()
-        with path.open("rb") as fh:
-            left = size
-            while left > 0:
-                chunk = fh.read(min(left, 1 << 20))
-                if not chunk:
-                    return False
-                h.update(chunk)
-                left -= len(chunk)
+        prefix = file_digest(path, int((old.fingerprint or "").split(":")[0]))
     except (ValueError, OSError):
         return False
-    return f"sha256:{h.hexdigest()}" == old.source_key
+    return prefix is not None and f"sha256:{prefix}" == old.source_key
 
 
 def _is_loopback(host: str) -> bool:

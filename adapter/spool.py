@@ -67,12 +67,19 @@ def instance_uids(path: Path) -> tuple[str, str]:
         raise SpoolError(f"no readable Series/SOP Instance UIDs: {exc}") from exc
 
 
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes (hex)."""
+def file_digest(path: Path, size: int | None = None) -> str | None:
+    """SHA-256 of a file's bytes (hex), or of its first ``size`` bytes (None when it is shorter)."""
     h = hashlib.sha256()
+    read = 0
     with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
+        while size is None or read < size:
+            chunk = fh.read(1 << 20 if size is None else min(1 << 20, size - read))
+            if not chunk:
+                break
             h.update(chunk)
+            read += len(chunk)
+    if size is not None and read < size:
+        return None
     return h.hexdigest()
 
 
