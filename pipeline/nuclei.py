@@ -109,11 +109,11 @@ def raw_detection_image(
 
 
 def detection_image(
-    h_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings, mpp: float, dab_od: np.ndarray | None = None
+    h_od: np.ndarray, dab_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings, mpp: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Steps 1–3: the smoothed image the threshold is applied to, and a finely
     smoothed one (σ = 0.5 µm) that trims each nucleus to its own pixels."""
-    det = raw_detection_image(h_od, np.zeros_like(h_od) if dab_od is None else dab_od, od_sum, settings)
+    det = raw_detection_image(h_od, dab_od, od_sum, settings)
     if settings.median_radius_um > 0:
         det = ndimage.median_filter(det, footprint=_disk(settings.median_radius_um / mpp))
     valid = None
@@ -379,7 +379,7 @@ def detect_cells(
         raw = raw_detection_image(h_od, dab_od, od_sum, settings)
         nuclei = qupath.detect_nuclei(raw, h_od, dab_od, settings, mpp)
     else:
-        det, fine = detection_image(h_od, od_sum, settings, mpp, dab_od)
+        det, fine = detection_image(h_od, dab_od, od_sum, settings, mpp)
         nuclei = segment_nuclei(det, settings, mpp, fine)
     cells, dist = kernels.expand_cells(nuclei, settings.cell_expansion_um / mpp)
     table = measure_cells(nuclei, cells, dist, h_od, dab_od, mpp, intensity, settings.include_nuclei)
