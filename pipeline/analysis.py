@@ -256,10 +256,10 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
 
 
 def warm_up() -> int:
-    """Score a small synthetic region once with each way of reading membranes,
-    so that every compiled kernel the tile workers call is loaded (from
-    numba's disk cache, or compiled) in this process. Returns the number of
-    cells found (two nuclei on each pass).
+    """Score a small synthetic region once with each way of reading membranes
+    and once with the QuPath detector, so that every compiled kernel the tile
+    workers call is loaded (from numba's disk cache, or compiled) in this
+    process. Returns the number of cells found (two nuclei on each pass).
 
     The workers' fork server runs this (:mod:`pipeline.prewarm`): each worker
     forked from it then starts with the kernels instead of loading them
@@ -276,8 +276,12 @@ def warm_up() -> int:
         conc[..., 1] += 0.3 * np.exp(-((np.sqrt(r2) - 5.0) ** 2))
     pixels = np.clip(stains.concentrations_to_rgb(conc), 0, 255).astype(np.uint8)
     found = 0
-    for method in ("sectors", "ring"):
-        settings = Settings(intensity=IntensitySettings(membrane_method=method))
+    passes = (
+        Settings(intensity=IntensitySettings(membrane_method="sectors")),
+        Settings(intensity=IntensitySettings(membrane_method="ring")),
+        Settings(nuclei=NucleiSettings(method="qupath", exclude_dab=True, median_radius_um=0.5)),
+    )
+    for settings in passes:
         ctx = _TileContext(None, settings, stains, 255.0, 8 * mpp, (2, 2))
         found += len(score_region(ctx, pixels, (16, 16, 64, 64), 16)["cells"]["x_um"])
     return found

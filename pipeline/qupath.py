@@ -113,13 +113,14 @@ def _region_means(labels: np.ndarray, n: int, values: np.ndarray) -> tuple[np.nd
         return np.where(count > 0, total / count, 0.0), count
 
 
-def _split_by_shape(binary: np.ndarray) -> np.ndarray:
-    """ImageJ's EDM watershed: cut touching objects along the watershed lines of their distance map,
-    between maxima of its ridge height (:func:`pipeline.watershed.ridge_height`) more than 0.5 px prominent."""
+def _split_by_shape(pieces: np.ndarray, n_pieces: int) -> np.ndarray:
+    """ImageJ's EDM watershed: cut touching objects (``pieces``, labels 1..n_pieces-1) along the
+    watershed lines of their distance map, between maxima of its ridge height
+    (:func:`pipeline.watershed.ridge_height`) more than 0.5 px prominent. Returns the binary image."""
+    binary = (pieces > 0).view(np.uint8)
     edm = cv2.distanceTransform(binary, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    inside = binary.astype(np.bool_)
-    seeds = watershed.prominent_maxima(watershed.ridge_height(edm), inside, SPLIT_TOLERANCE_PX)
-    split = watershed.flood(edm, seeds, inside, watershed.FLOOD_LEVELS)
+    seeds = watershed.prominent_maxima(watershed.ridge_height(edm), binary.view(np.bool_), SPLIT_TOLERANCE_PX)
+    split = watershed.flood_pieces(edm, seeds, pieces, n_pieces, watershed.FLOOD_LEVELS)
     return (split > 0).astype(np.uint8)
 
 
@@ -148,7 +149,10 @@ def detect_nuclei(
     log = laplacian_of_gaussian(work, sigma)
     positive = log > 0
     maxima, _ = watershed.regional_maxima(log, MIN_MAXIMUM)
-    basins = watershed.fill_holes(watershed.flood(log, maxima, positive, watershed.FLOOD_LEVELS))
+    n_positive, positive_pieces = cv2.connectedComponents(positive.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    basins = watershed.fill_holes(
+        watershed.flood_pieces(log, maxima, positive_pieces, n_positive, watershed.FLOOD_LEVELS)
+    )
     n = int(basins.max())
     means, _ = _region_means(basins, n, measured)
     keep = means > threshold
@@ -161,8 +165,8 @@ def detect_nuclei(
     grown = cv2.dilate(binary, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)
     binary = (grown.astype(bool) & positive).astype(np.uint8)
     if settings.split_by_shape:
-        _, pieces = cv2.connectedComponents(binary, connectivity=4, ltype=cv2.CV_32S)
-        binary = _split_by_shape((watershed.fill_holes(pieces) > 0).astype(np.uint8))
+        n_pieces, pieces = cv2.connectedComponents(binary, connectivity=4, ltype=cv2.CV_32S)
+        binary = _split_by_shape(watershed.fill_holes(pieces), n_pieces)
     if sigma > REFINE_ABOVE_SIGMA_PX:
         fine = (laplacian_of_gaussian(det, 1.0) > 0) & (binary > 0)
         eroded = cv2.erode(binary, np.ones((3, 3), np.uint8), borderType=cv2.BORDER_REPLICATE)

@@ -177,6 +177,45 @@ def _flood(values: np.ndarray, labels: np.ndarray, inside: np.ndarray, stride: i
                     tail += 1
 
 
+def flood_pieces(priority: np.ndarray, seeds: np.ndarray, pieces: np.ndarray, n_pieces: int, levels: int) -> np.ndarray:
+    """:func:`flood` over the pixels of ``pieces`` (labels 1..n_pieces-1, separate 4-connected pieces,
+    0 = not allowed), flooding only the pieces that hold more than one seed: a piece with a single
+    seed label takes it everywhere (what the flood would give), a piece without any stays 0."""
+    h, w = priority.shape
+    labels = np.pad(np.ascontiguousarray(seeds, dtype=np.int32), 1).ravel()
+    framed = np.pad(np.ascontiguousarray(pieces, dtype=np.int32), 1).ravel()
+    values = np.pad(np.ascontiguousarray(priority, dtype=np.float32), 1).ravel()
+    inside = _shared_pieces(framed, labels, n_pieces)
+    _flood(values, labels, inside, w + 2, levels)
+    return labels.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _shared_pieces(pieces: np.ndarray, labels: np.ndarray, n_pieces: int) -> np.ndarray:
+    """The pixels of pieces with several seed labels (to flood); every other piece's pixels take
+    their one seed's label in ``labels`` (0 where the piece has none)."""
+    owner = np.zeros(n_pieces, np.int32)
+    for p in range(pieces.size):
+        s = labels[p]
+        c = pieces[p]
+        if s == 0 or c == 0:
+            continue
+        if owner[c] == 0:
+            owner[c] = s
+        elif owner[c] != s:
+            owner[c] = -1
+    inside = np.zeros(pieces.size, np.bool_)
+    for p in range(pieces.size):
+        c = pieces[p]
+        if c == 0:
+            labels[p] = 0
+        elif owner[c] < 0:
+            inside[p] = True
+        else:
+            labels[p] = owner[c]
+    return inside
+
+
 def fill_holes(labels: np.ndarray) -> np.ndarray:
     """``labels`` with every hole filled by the label around it: a piece of unlabelled pixels
     (8-connected) that touches exactly one label and not the image border."""
@@ -334,71 +373,56 @@ _AXIS_DY = np.array([-1, -1, 0, 1], np.int64)
 _AXIS_DX = np.array([0, 1, 1, 1], np.int64)
 
 
-@numba.njit(cache=_CACHE, nogil=True)
 def reconstruct(marker: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Grey-level reconstruction by dilation of ``marker`` under ``mask``, 8-connected (Vincent's
     hybrid algorithm: a raster and an anti-raster pass, then a first-in first-out queue)."""
     h, w = marker.shape
-    out = np.minimum(marker, mask).astype(np.float32)
-    for y in range(h):
-        for x in range(w):
-            v = out[y, x]
-            if y > 0:
-                for dx in range(-1, 2):
-                    if 0 <= x + dx < w:
-                        v = max(v, out[y - 1, x + dx])
-            if x > 0:
-                v = max(v, out[y, x - 1])
-            out[y, x] = min(v, mask[y, x])
-    size = h * w
-    queue = np.empty(size, np.int64)
-    inq = np.zeros((h, w), np.bool_)
-    head = 0
+    # A one-pixel frame at -inf that nothing propagates into: neighbours are p ± 1, p ± (w + 2) ± 1.
+    out = np.pad(np.minimum(marker, mask).astype(np.float32), 1, constant_values=-np.inf).ravel()
+    limit = np.pad(np.ascontiguousarray(mask, dtype=np.float32), 1, constant_values=-np.inf).ravel()
+    _reconstruct(out, limit, h, w)
+    return out.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _reconstruct(out: np.ndarray, mask: np.ndarray, h: int, w: int) -> None:
+    stride = w + 2
+    for y in range(1, h + 1):
+        for p in range(y * stride + 1, y * stride + w + 1):
+            v = max(out[p], out[p - stride - 1], out[p - stride], out[p - stride + 1], out[p - 1])
+            out[p] = min(v, mask[p])
+    queue = np.empty(h * w + 1, np.int64)
+    size = queue.size
+    queued = np.zeros(out.size, np.bool_)
     count = 0
-    for y in range(h - 1, -1, -1):
-        for x in range(w - 1, -1, -1):
-            v = out[y, x]
-            if y < h - 1:
-                for dx in range(-1, 2):
-                    if 0 <= x + dx < w:
-                        v = max(v, out[y + 1, x + dx])
-            if x < w - 1:
-                v = max(v, out[y, x + 1])
-            v = min(v, mask[y, x])
-            out[y, x] = v
-            lower = False
-            if y < h - 1:
-                for dx in range(-1, 2):
-                    qx = x + dx
-                    if 0 <= qx < w and out[y + 1, qx] < v and out[y + 1, qx] < mask[y + 1, qx]:
-                        lower = True
-            if x < w - 1 and out[y, x + 1] < v and out[y, x + 1] < mask[y, x + 1]:
-                lower = True
-            if lower:
-                queue[(head + count) % size] = y * w + x
-                count += 1
-                inq[y, x] = True
+    for y in range(h, 0, -1):
+        for p in range(y * stride + w, y * stride, -1):
+            v = max(out[p], out[p + stride - 1], out[p + stride], out[p + stride + 1], out[p + 1])
+            v = min(v, mask[p])
+            out[p] = v
+            for q in (p + 1, p + stride - 1, p + stride, p + stride + 1):
+                if out[q] < v and out[q] < mask[q]:
+                    queue[count] = p
+                    count += 1
+                    queued[p] = True
+                    break
+    head = 0
+    offsets = (-stride - 1, -stride, -stride + 1, -1, 1, stride - 1, stride, stride + 1)
     while count > 0:
         p = queue[head]
-        head = (head + 1) % size
+        head = head + 1 if head + 1 < size else 0
         count -= 1
-        py, px = p // w, p % w
-        inq[py, px] = False
-        v = out[py, px]
-        for dy in range(-1, 2):
-            for dx in range(-1, 2):
-                qy, qx = py + dy, px + dx
-                if qy < 0 or qx < 0 or qy >= h or qx >= w:
-                    continue
-                q = out[qy, qx]
-                m = mask[qy, qx]
-                if q < v and q != m:
-                    out[qy, qx] = min(v, m)
-                    if not inq[qy, qx]:
-                        inq[qy, qx] = True
-                        queue[(head + count) % size] = qy * w + qx
-                        count += 1
-    return out
+        queued[p] = False
+        v = out[p]
+        for d in offsets:
+            q = p + d
+            if out[q] < v and out[q] != mask[q]:
+                out[q] = min(v, mask[q])
+                if not queued[q]:
+                    queued[q] = True
+                    tail = head + count
+                    queue[tail if tail < size else tail - size] = q
+                    count += 1
 
 
 @numba.njit(cache=_CACHE, nogil=True)

@@ -207,19 +207,30 @@ import json, sys
 import numba
 from config.settings import load_settings
 from dicom_io import open_slide
-from pipeline import kernels
+from pipeline import kernels, watershed
 from pipeline.analysis import _TileContext, process_tile, warm_up
 from pipeline.stains import StainMatrix
 
 def compiled():
     kinds = numba.core.dispatcher.Dispatcher
-    return {name: len(f.signatures) for name, f in vars(kernels).items() if isinstance(f, kinds)}
+    return {
+        name: len(f.signatures)
+        for module in (kernels, watershed)
+        for name, f in vars(module).items()
+        if isinstance(f, kinds)
+    }
 
 found = warm_up()
 warm = compiled()
 with open_slide(sys.argv[1]) as slide:
-    for profile, method in (("ki67", "none"), ("her2", "sectors"), ("hscore", "ring")):
-        settings = load_settings(profile, [f"intensity.membrane_method={method}"])
+    for profile, extra in (
+        ("ki67", ["intensity.membrane_method=none"]),
+        ("her2", ["intensity.membrane_method=sectors"]),
+        ("hscore", ["intensity.membrane_method=ring"]),
+        ("ki67", ['nuclei.method="qupath"', "nuclei.exclude_dab=true", "nuclei.median_radius_um=0.5"]),
+        ("ki67", ['nuclei.method="qupath"', "nuclei.background_radius_um=0"]),
+    ):
+        settings = load_settings(profile, extra)
         process_tile(_TileContext(slide, settings, StainMatrix(), 255.0, 8.0, (200, 200)), (0, 0, 512, 512))
 print(json.dumps({"found": found, "warm": warm, "after_tiles": compiled()}))
 """
@@ -227,7 +238,8 @@ print(json.dumps({"found": found, "warm": warm, "after_tiles": compiled()}))
 
 def test_warm_up_loads_every_kernel_a_tile_worker_calls(small_slide: SynthOutput) -> None:
     """The fork server's warm-up (pipeline.prewarm) must leave nothing for a
-    worker to compile: real tiles of every membrane method add no signature."""
+    worker to compile: real tiles of every membrane method and of the QuPath
+    detector add no signature."""
     assert small_slide.ome_tiff
     run = subprocess.run(
         [sys.executable, "-c", _WARM_UP_CHECK, str(small_slide.ome_tiff)],
@@ -237,8 +249,10 @@ def test_warm_up_loads_every_kernel_a_tile_worker_calls(small_slide: SynthOutput
         check=True,
     )
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report["found"] == 4
+    assert report["found"] == 6
     assert report["after_tiles"] == report["warm"]
     for name in ("cell_stats", "sector_peaks", "_chamfer_cells", "split_at_peaks", "trim_and_filter"):
         assert report["warm"][name] >= 1, name
     assert report["warm"]["class_counts_on_grid"] >= 1 and report["warm"]["label_max"] >= 1
+    for name in ("_flood", "_shared_pieces", "_reconstruct", "prominent_maxima", "_hole_owners", "label_sums"):
+        assert report["warm"][name] >= 1, name
