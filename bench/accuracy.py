@@ -68,9 +68,7 @@ def evaluate(spec: SynthSpec, workdir: Path, profile: str, overrides: list[str])
         "f1": round(2 * precision * recall / max(1e-9, precision + recall), 3),
         "recall": round(recall, 3),
         "recall_dab_positive": round(float(found[strong].mean()), 3) if strong.any() else None,
-        "tumour_positive_percent_error": None
-        if got_pos is None or want_pos is None
-        else round(got_pos - want_pos, 2),
+        "tumour_positive_percent_error": None if got_pos is None or want_pos is None else round(got_pos - want_pos, 2),
         "class_accuracy": round(float((r.cells["intensity_class"][ok] == truth["intensity_class"][j[ok]]).mean()), 3),
         "h_score_error": errors,
         "tumour_iou": round(iou, 3),

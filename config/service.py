@@ -162,8 +162,10 @@ class RetentionConfig(_Frozen):
     """What is deleted, and when: received series and result folders of finished jobs."""
 
     keep_days: float | None = Field(
-        None, gt=0, description="delete a finished job's received files and results this long after it ended; "
-        "none = keep everything"
+        None,
+        gt=0,
+        description="delete a finished job's received files and results this long after it ended; "
+        "none = keep everything",
     )
     until_delivered: bool = Field(
         True, description="never delete the files of a job with results still waiting to be delivered"

@@ -68,8 +68,8 @@ class TissueSettings(_Frozen):
     """Tissue detection on a low-resolution image."""
 
     mpp: float = Field(8.0, gt=0, description="resolution of the tissue mask (µm/px)")
-    min_od: float = Field(0.05, ge=0, description="lower bound of the Otsu threshold (OD sum above glass)")
-    max_od: float = Field(0.1, gt=0, description="upper bound of the Otsu threshold (OD sum above glass)")
+    min_od: float = Field(0.03, ge=0, description="lower bound of the tissue threshold (OD sum above glass)")
+    max_od: float = Field(0.05, gt=0, description="upper bound of the tissue threshold (OD sum above glass)")
     min_region_um2: float = Field(20_000.0, ge=0, description="tissue pieces smaller than this are dropped")
     close_um: float = Field(16.0, ge=0, description="closing radius that fills gaps between cells")
     min_tile_tissue: float = Field(0.01, ge=0, le=1, description="keep tiles with at least this tissue fraction")
@@ -97,10 +97,12 @@ class NucleiSettings(_Frozen):
         "(the threshold applies to each candidate region's mean; use it to carry a QuPath protocol over; about "
         "4-5x slower); 'fast': a per-pixel threshold and a distance-map split, compiled for throughput",
     )
-    detection_image: Literal["hematoxylin", "od_sum", "stain_sum"] = Field(
+    detection_image: Literal["hematoxylin", "od_sum", "stain_max", "stain_sum"] = Field(
         "hematoxylin",
         description="QuPath 'Detection image': 'hematoxylin' (Hematoxylin OD) or 'od_sum' (Optical density sum); "
-        "'stain_sum': haematoxylin + DAB OD, which sees brown nuclei as well as blue ones without the residual",
+        "'stain_max': the stronger of haematoxylin and DAB OD at each pixel, which sees brown nuclei whose "
+        "haematoxylin the DAB hides as well as blue ones (the nuclear-stain profiles use it; a membrane or "
+        "cytoplasm stain would be taken for nuclei); 'stain_sum': haematoxylin + DAB OD",
     )
     requested_pixel_size_um: float = Field(
         0.5, gt=0.05, le=4.0, description="QuPath 'Requested pixel size': the analysis µm/px (the paper used 0.46)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
 import tempfile
 import tomllib
@@ -21,7 +22,10 @@ from typing import Any
 from config.errors import ConfigError
 from dicom_io.pyramid import PyramidBuilder
 from dicom_io.sm_image import SlideIdentity, write_sm_series
+from dicom_io.tiff_reader import TiffSlide
 from pipeline.slide import Slide
+
+log = logging.getLogger(__name__)
 
 _DATE_FIELDS = {"patient_birth_date": dt.date.fromisoformat, "acquisition_datetime": dt.datetime.fromisoformat}
 
@@ -61,13 +65,26 @@ def identity_from_sidecar(path: Path | None, slide: Slide) -> SlideIdentity:
 def convert_to_dicom(
     slide: Slide, out_dir: Path, identity: SlideIdentity, tile_size: int = 512, quality: int = 90
 ) -> list[Path]:
-    """Re-encode ``slide``'s finest level as a DICOM WSI pyramid in ``out_dir``."""
+    """Write ``slide``'s finest level as a DICOM WSI pyramid in ``out_dir``.
+
+    Where the finest level is tiled JPEG (most OME-TIFF, SVS and TIFF slides), its own tiles are
+    copied, not re-encoded (:meth:`dicom_io.tiff_reader.TiffSlide.jpeg_level`): the DICOM copy
+    holds the very pixels of the source, in the source's tile size. Otherwise (JPEG 2000, LZW,
+    untiled) the level is encoded as JPEG at ``quality`` in ``tile_size`` tiles. The levels
+    below are resampled from it and encoded.
+    """
     lv0 = slide.levels[0]
     if abs(lv0.mpp_x - lv0.mpp_y) / lv0.mpp_x > 0.01:
         raise ConfigError("slide", str(slide.path), "non-square pixels cannot be converted")
     tmp = Path(tempfile.mkdtemp(prefix=".pyramid-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
-        builder = PyramidBuilder(lv0.width, lv0.height, lv0.mpp_x, tmp, tile_size, quality)
+        base, why = slide.jpeg_level(0, tmp) if isinstance(slide, TiffSlide) else (None, f"it is {slide.format}")
+        if base is not None:
+            tile_size = base.tile_size
+            log.info("%s: level 0 copied as its own %d px JPEG tiles (%s)", slide.path, tile_size, base.photometric)
+        else:
+            log.info("%s: level 0 encoded as JPEG (quality %d): %s", slide.path, quality, why)
+        builder = PyramidBuilder(lv0.width, lv0.height, lv0.mpp_x, tmp, tile_size, quality, base=base)
         for y in range(0, lv0.height, tile_size):
             h = min(tile_size, lv0.height - y)
             builder.add_band(slide.read_region(0, 0, y, lv0.width, h))

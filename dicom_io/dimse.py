@@ -55,9 +55,7 @@ class StoreResult:
         return not self.ok and s >= 0 and (s & 0xFF00 in (0xA900, 0x0100) or s & 0xF000 == 0xC000)
 
 
-def tls_context(
-    ca: Path | None = None, certificate: Path | None = None, key: Path | None = None
-) -> ssl.SSLContext:
+def tls_context(ca: Path | None = None, certificate: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
     """A client TLS context: the destination verified against ``ca`` (else the system's CAs),
     with our certificate where the destination asks for one."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca) if ca else None)

@@ -37,6 +37,8 @@ class EncodedLevel:
     path: Path
     offsets: list[int] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    #: DICOM Photometric Interpretation of the JPEG tiles (what their streams hold).
+    photometric: str = "YBR_FULL_422"
 
     @property
     def columns(self) -> int:
@@ -66,10 +68,20 @@ class EncodedLevel:
 
 
 class _LevelWriter:
-    def __init__(self, width: int, height: int, tile: int, mpp: float, path: Path, quality: int):
-        self.level = EncodedLevel(width, height, tile, mpp, path)
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        tile: int,
+        mpp: float,
+        path: Path,
+        quality: int,
+        given: EncodedLevel | None = None,
+    ):
+        """``given``: the level's tiles are already encoded (the source's own); rows only pass through."""
+        self.level = given or EncodedLevel(width, height, tile, mpp, path)
         self.quality = quality
-        self._fh = path.open("wb")
+        self._fh = None if given is not None else path.open("wb")
         self._pos = 0
         self.rows_done = 0
         self._pending: list[np.ndarray] = []
@@ -99,6 +111,8 @@ class _LevelWriter:
         return bands
 
     def _encode_band(self, band: np.ndarray) -> None:
+        if self._fh is None:
+            return
         t = self.level.tile_size
         h = band.shape[0]
         for col in range(self.level.columns):
@@ -116,7 +130,8 @@ class _LevelWriter:
             self._pos += len(data)
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
 
 
 def halve(band: np.ndarray) -> np.ndarray:
@@ -132,7 +147,9 @@ def halve(band: np.ndarray) -> np.ndarray:
 class PyramidBuilder:
     """Build an :class:`EncodedLevel` pyramid from level-0 bands given in order.
 
-    Levels halve until the whole image fits in one tile.
+    Levels halve until the whole image fits in one tile. With ``base`` (level 0
+    as the source's own encoded tiles, of ``tile_size``), level 0 is not
+    encoded again: its bands only feed the levels below.
     """
 
     def __init__(
@@ -144,6 +161,7 @@ class PyramidBuilder:
         tile_size: int = 512,
         quality: int = 90,
         min_size: int | None = None,
+        base: EncodedLevel | None = None,
     ):
         if tile_size % 16:
             raise ConfigError("tile_size", tile_size, "must be a multiple of 16 (JPEG blocks)")
@@ -154,8 +172,11 @@ class PyramidBuilder:
         floor = min_size or tile_size
         w, h, m, i = width, height, mpp, 0
         workdir.mkdir(parents=True, exist_ok=True)
+        if base is not None and (base.width, base.height, base.tile_size) != (width, height, tile_size):
+            raise ValueError(f"base level {base.width}x{base.height} in {base.tile_size} px tiles does not match")
         while True:
-            self._writers.append(_LevelWriter(w, h, tile_size, m, workdir / f"level{i}.jpegs", quality))
+            given = base if i == 0 else None
+            self._writers.append(_LevelWriter(w, h, tile_size, m, workdir / f"level{i}.jpegs", quality, given))
             if max(w, h) <= floor:
                 break
             w, h, m, i = math.ceil(w / 2), math.ceil(h / 2), m * 2, i + 1

@@ -32,6 +32,7 @@ from pipeline.slide import Slide
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class WrittenResults:
     json: Path

@@ -153,7 +153,7 @@ class EncodedLevelImageData(ImageData):
     def __init__(self, level: EncodedLevel, quality_ratio: float):
         self._level = level
         self._ratio = quality_ratio
-        super().__init__(Encoder.create(JPEGBaseline8Bit, 8, "YBR_FULL_422"))
+        super().__init__(Encoder.create(JPEGBaseline8Bit, 8, level.photometric))
 
     @property
     def transfer_syntax(self) -> UID:
@@ -184,7 +184,7 @@ class EncodedLevelImageData(ImageData):
 
     @property
     def photometric_interpretation(self) -> str:
-        return "YBR_FULL_422"
+        return self._level.photometric
 
     @property
     def bits(self) -> int:

@@ -20,6 +20,7 @@ from ome_types import from_xml
 
 from config.errors import SlideReadError
 from dicom_io.jpeg_colour import ColourModel, parse_header
+from dicom_io.pyramid import EncodedLevel
 from pipeline.slide import Level, Slide
 
 log = logging.getLogger(__name__)
@@ -295,6 +296,50 @@ class TiffSlide(Slide):
                 sy1, sx1 = min(y + height, ty0 + th), min(x + width, tx0 + tw)
                 out[sy0 - y : sy1 - y, sx0 - x : sx1 - x] = tile[sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0, :3]
         return out
+
+    def jpeg_level(self, index: int, workdir: Path) -> tuple[EncodedLevel | None, str]:
+        """Level ``index``'s own JPEG tiles as complete streams (shared JPEG tables spliced into each)
+        in a file in ``workdir``, for copying into DICOM without re-encoding; with the Photometric
+        Interpretation their streams hold (:mod:`dicom_io.jpeg_colour`, the TIFF tag where a stream
+        declares nothing). None, and why, where the level cannot be copied so."""
+        page = self._pages[index]
+        if page is None or page.compression != tifffile.COMPRESSION.JPEG:
+            return None, "its tiles are not plain interleaved JPEG"
+        if page.tilewidth != page.tilelength or page.tilewidth % 16 or int(page.samplesperpixel) != 3:
+            shape = f"{page.tilewidth}x{page.tilelength}"
+            return None, f"its {shape} tiles of {page.samplesperpixel} samples are not square RGB"
+        if not all(page.databytecounts):
+            return None, "it has missing tiles"
+        level = self.levels[index]
+        tables = bytes(page.jpegtables)[2:-2] if page.jpegtables else b""
+        path = workdir / f"source-level{index}.jpegs"
+        out = EncodedLevel(level.width, level.height, int(page.tilewidth), level.mpp_x, path)
+        fh = self._tif.filehandle
+        position = 0
+        header = None
+        with out.path.open("wb") as dst:
+            for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+                with fh.lock:
+                    fh.seek(offset)
+                    data = fh.read(count)
+                if data[:2] != b"\xff\xd8":
+                    return None, "a tile is not a JPEG stream"
+                stream = data[:2] + tables + data[2:]
+                header = header or parse_header(stream)
+                dst.write(stream)
+                out.offsets.append(position)
+                out.lengths.append(len(stream))
+                position += len(stream)
+        if header is None:
+            return None, "its JPEG tiles have no readable frame header"
+        model = header.model
+        if model is ColourModel.UNDECLARED:
+            model = ColourModel.YCBCR if page.photometric == tifffile.PHOTOMETRIC.YCBCR else ColourModel.RGB
+        if model is ColourModel.RGB:
+            out.photometric = "RGB"
+        else:
+            out.photometric = "YBR_FULL_422" if len(set(header.sampling)) > 1 else "YBR_FULL"
+        return out, ""
 
     def close(self) -> None:
         self._tif.close()

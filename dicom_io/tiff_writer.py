@@ -18,7 +18,12 @@ from ome_types.model import OME, Channel, Image, Pixels, Pixels_DimensionOrder, 
 
 from dicom_io.pyramid import EncodedLevel
 
-_TIFF_JPEG = dict(compression="jpeg", photometric="ycbcr", subsampling=(2, 1))
+#: TIFF tags for JPEG tiles of each DICOM Photometric Interpretation (EncodedLevel.photometric).
+_TIFF_JPEG: dict[str, dict[str, object]] = {
+    "YBR_FULL_422": {"compression": "jpeg", "photometric": "ycbcr", "subsampling": (2, 1)},
+    "YBR_FULL": {"compression": "jpeg", "photometric": "ycbcr", "subsampling": (1, 1)},
+    "RGB": {"compression": "jpeg", "photometric": "rgb"},
+}
 
 
 def _write_level(tw: tifffile.TiffWriter, level: EncodedLevel, **kwargs: object) -> None:
@@ -27,7 +32,7 @@ def _write_level(tw: tifffile.TiffWriter, level: EncodedLevel, **kwargs: object)
         shape=(level.height, level.width, 3),
         dtype=np.uint8,
         tile=(level.tile_size, level.tile_size),
-        **_TIFF_JPEG,  # type: ignore[arg-type]
+        **_TIFF_JPEG[level.photometric],  # type: ignore[arg-type]
         **kwargs,  # type: ignore[arg-type]
     )
 

@@ -106,8 +106,12 @@ class _TileContext:
     tissue_mpp: float
     tissue_shape: tuple[int, int]
     nucleus_model: NucleusModel | None = None
+    #: The analysis pixel size (:meth:`pipeline.slide.Slide.analysis_mpp`); 0: the requested one.
+    mpp: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.mpp <= 0:
+            self.mpp = self.settings.nuclei.requested_pixel_size_um
         if self.settings.nuclei.model is not None and self.nucleus_model is None:
             self.nucleus_model = NucleusModel(self.settings.nuclei, self.stains)
 
@@ -122,6 +126,7 @@ def _init_worker(
     background: Background,
     tissue_mpp: float,
     tissue_shape: tuple[int, int],
+    mpp: float,
 ) -> None:
     global _CTX  # one context per worker process
     import cv2
@@ -135,7 +140,7 @@ def _init_worker(
     keep_freed_memory()  # reuse each tile's memory for the next one (pipeline.allocator)
     slide = opener()
     slide.manage_colour(settings.stain.icc_profile)
-    _CTX = _TileContext(slide, settings, stains, background, tissue_mpp, tissue_shape)
+    _CTX = _TileContext(slide, settings, stains, background, tissue_mpp, tissue_shape, mpp=mpp)
 
 
 def _process_block(cores: list[tuple[int, int, int, int]]) -> list[dict[str, Any]]:
@@ -211,7 +216,7 @@ def read_with_margin(slide: Slide, mpp: float, x: int, y: int, w: int, h: int, m
 def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str, Any]:
     """Read one tile with its margin, find and measure its cells."""
     assert ctx.slide is not None
-    mpp = ctx.settings.nuclei.requested_pixel_size_um
+    mpp = ctx.mpp
     margin = int(np.ceil(ctx.settings.tiling.margin_um / mpp))
     x, y, w, h = core
     t0 = time.perf_counter()
@@ -225,7 +230,7 @@ def process_tile(ctx: _TileContext, core: tuple[int, int, int, int]) -> dict[str
 def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, int, int], margin: int) -> dict[str, Any]:
     """Cells and pixel classes of ``core`` from its pixels read with ``margin`` around it."""
     s = ctx.settings
-    mpp = s.nuclei.requested_pixel_size_um
+    mpp = ctx.mpp
     x, y, w, h = core
     t1 = time.perf_counter()
     h_od, dab_od = stain_planes(pixels, ctx.stains, ctx.background)
@@ -328,12 +333,11 @@ def _background(settings: Settings, tissue: TissueMask) -> Background:
 
 
 def _estimate_stains(
-    slide: Slide, settings: Settings, cores: list[tuple[int, int, int, int]], background: Background
+    slide: Slide, settings: Settings, cores: list[tuple[int, int, int, int]], background: Background, mpp: float
 ) -> tuple[StainMatrix, str]:
     ref = StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
     if not settings.stain.estimate:
         return ref, "default"
-    mpp = settings.nuclei.requested_pixel_size_um
     pick = np.linspace(0, len(cores) - 1, min(settings.stain.estimate_tiles, len(cores))).astype(int)
     ods = [rgb_to_od(slide.read_at_mpp(mpp, *cores[i])[0], background).reshape(-1, 3) for i in pick]
     if not ods:
@@ -360,7 +364,7 @@ def analyse(
     background = _background(settings, tissue)
     timings["tissue"] = time.perf_counter() - t
 
-    mpp = settings.nuclei.requested_pixel_size_um
+    mpp = slide.analysis_mpp(settings.nuclei.requested_pixel_size_um)
     grid = slide.grid(mpp, settings.tiling.tile_size)
     fractions = tissue.tile_fractions(grid)
     cores = [
@@ -369,12 +373,12 @@ def analyse(
         if fractions[c[1] // grid.tile_size, c[0] // grid.tile_size] >= settings.tissue.min_tile_tissue
     ]
     t = time.perf_counter()
-    stains, stain_status = _estimate_stains(slide, settings, cores, background)
+    stains, stain_status = _estimate_stains(slide, settings, cores, background, mpp)
     timings["stain_estimation"] = time.perf_counter() - t
 
     t = time.perf_counter()
     workers = min(workers, max(1, len(cores)))
-    args = (settings, stains, background, tissue.mpp, tissue.mask.shape)
+    args = (settings, stains, background, tissue.mpp, tissue.mask.shape, mpp)
     if settings.nuclei.model is not None:
         NucleusModel(settings.nuclei, stains)  # refuse a bad model file here, not in every worker
     # Of a tile at the tissue's edge only the part around its tissue is read and
@@ -392,7 +396,7 @@ def analyse(
         pool = ProcessPoolExecutor(workers, context, initializer=_init_worker, initargs=(opener, *args))
         parts = pool.map(_process_block, [blocks[i] for i in order])
     else:
-        ctx = _TileContext(slide, *args)
+        ctx = _TileContext(slide, settings, stains, background, tissue.mpp, tissue.mask.shape, mpp=mpp)
         parts = ([process_tile(ctx, c) for c in blocks[i]] for i in order)
     done: list[list[dict[str, Any]]] = [[] for _ in blocks]
     try:

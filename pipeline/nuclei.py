@@ -93,13 +93,16 @@ def _square(size: int) -> np.ndarray:
 def raw_detection_image(
     h_od: np.ndarray, dab_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings
 ) -> np.ndarray:
-    """The detection image before any filtering: haematoxylin OD, the OD sum, or the sum of the two
-    stains' OD (``stain_sum``: nuclei whether blue or brown, without the residual); with
-    ``exclude_dab``, kept only where haematoxylin dominates (:func:`pipeline.qupath.exclude_dab`)."""
+    """The detection image before any filtering: haematoxylin OD, the OD sum, the stronger of the two
+    stains' OD at each pixel (``stain_max``: a nucleus whether blue or brown, as bright as its own
+    stain makes it, without the residual) or their sum (``stain_sum``); with ``exclude_dab``, kept
+    only where haematoxylin dominates (:func:`pipeline.qupath.exclude_dab`)."""
     if settings.detection_image == "hematoxylin":
         det = h_od
     elif settings.detection_image == "od_sum":
         det = od_sum
+    elif settings.detection_image == "stain_max":
+        det = np.maximum(h_od, dab_od)
     else:
         det = h_od + np.maximum(dab_od, 0)
     det = np.ascontiguousarray(det, dtype=np.float32)

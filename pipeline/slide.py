@@ -34,6 +34,13 @@ from config.errors import ConfigError, SlideReadError
 BACKGROUND_RGB = 255
 
 
+#: :meth:`Slide.analysis_mpp` rounds read scales to multiples of this.
+SCALE_STEP = 1e-3
+
+#: Pixel sizes in x and y closer than this (relative) are read as square pixels.
+SQUARE_TOLERANCE = 1e-3
+
+
 @dataclass(frozen=True)
 class Level:
     """One resolution level of a slide."""
@@ -184,9 +191,7 @@ class Slide(ABC):
             return self._managed(self._read_level_region(lv, x, y, width, height))
         out = np.full((height, width, 3), BACKGROUND_RGB, dtype=np.uint8)
         if x1 > x0 and y1 > y0:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._managed(
-                self._read_level_region(lv, x0, y0, x1 - x0, y1 - y0)
-            )
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._managed(self._read_level_region(lv, x0, y0, x1 - x0, y1 - y0))
         return out
 
     def _managed(self, pixels: np.ndarray) -> np.ndarray:
@@ -208,6 +213,16 @@ class Slide(ABC):
                 best = i
         return best
 
+    def analysis_mpp(self, target_mpp: float) -> float:
+        """The pixel size to analyse at when ``target_mpp`` is requested: the read scale from the
+        level it is read from (:meth:`level_for_mpp`) rounded to a multiple of 1/1000, at most 0.05 %
+        from the request. Copies of one slide whose headers round the pixel size differently (an
+        SVS keeps four decimals, a DICOM file sixteen characters) are then read into identical
+        pixels, so they give identical cells."""
+        lv = self.levels[self.level_for_mpp(target_mpp)]
+        steps = round(target_mpp / lv.mpp_x / SCALE_STEP)
+        return lv.mpp_x * steps * SCALE_STEP if steps > 0 else target_mpp
+
     def grid(self, target_mpp: float, tile_size: int = 512) -> TileGrid:
         """The tile grid that covers the slide at ``target_mpp``."""
         if tile_size < 16:
@@ -216,7 +231,7 @@ class Slide(ABC):
         return TileGrid(
             mpp=target_mpp,
             width=max(1, round(lv0.width * lv0.mpp_x / target_mpp)),
-            height=max(1, round(lv0.height * lv0.mpp_y / target_mpp)),
+            height=max(1, round(lv0.height * _mpp_y(lv0) / target_mpp)),
             tile_size=tile_size,
         )
 
@@ -230,7 +245,7 @@ class Slide(ABC):
         """
         index = self.level_for_mpp(target_mpp)
         lv = self.levels[index]
-        sx, sy = target_mpp / lv.mpp_x, target_mpp / lv.mpp_y
+        sx, sy = target_mpp / lv.mpp_x, target_mpp / _mpp_y(lv)
         fx0, fy0 = x * sx, y * sy
         fx1, fy1 = (x + width) * sx, (y + height) * sy
         ix0, iy0 = math.floor(fx0), math.floor(fy0)
@@ -275,3 +290,9 @@ class Slide(ABC):
             "icc_profile": self.icc_profile is not None,
             "metadata": self.metadata,
         }
+
+
+def _mpp_y(level: Level) -> float:
+    """The level's y pixel size, or its x pixel size where the two differ by less than
+    :data:`SQUARE_TOLERANCE` (a header's rounding, not a scanner's anisotropy)."""
+    return level.mpp_x if abs(level.mpp_y / level.mpp_x - 1.0) < SQUARE_TOLERANCE else level.mpp_y

@@ -1,13 +1,22 @@
 """Tissue detection on a low-resolution image and tissue-tile selection.
 
 Method: optical-density sum of a low-resolution read (default 8 µm/px)
-measured against the slide's own glass colour (the median of what a first
-pass calls glass; 255 when no glass is visible), Otsu's threshold clipped to
-``[min_od, max_od]`` (Otsu alone splits pale stroma from dense tumour on a
-mostly-tissue slide; any counterstained tissue absorbs more than
-``max_od`` above the glass), morphological closing to join cells into
-tissue, and removal of pieces smaller than ``min_region_um2``. White holes inside tissue (fat, lumina, tears) stay
-holes: they are not tissue.
+measured against the slide's own glass colour, then a threshold, a
+morphological closing to join cells into tissue, and removal of pieces
+smaller than ``min_region_um2``. White holes inside tissue (fat, lumina,
+tears) stay holes: they are not tissue.
+
+* **Glass colour** (the white level): the median colour of bright pixels
+  well away from what a first pass (against white 255) calls tissue; where
+  the first pass sees no such glass — a crop that is all tissue and lumina,
+  or a scanner colour cast that makes the glass itself absorb — the median
+  of the brightest *flat* pixels (3×3 standard deviation under 2 levels:
+  empty glass, not textured tissue), if there are enough of them; else 255.
+* **Threshold**: the lower of the two three-class Otsu thresholds (glass |
+  pale stroma | dense tissue), clipped to ``[min_od, max_od]``. Two-class
+  Otsu splits dense tumour from everything else and loses pale stroma on a
+  slide with a weak counterstain; any counterstained tissue absorbs more
+  than ``max_od`` above the glass.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_multiotsu, threshold_otsu
 
 from config.settings import TissueSettings
 from pipeline.slide import Slide, TileGrid
@@ -89,6 +98,8 @@ def detect_tissue(slide: Slide, settings: TissueSettings, background: float = 25
 def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, background: float = 255.0) -> TissueMask:
     mask, _ = _threshold(rgb, background, settings)
     glass = _glass_rgb(rgb, mask)
+    if glass is None:
+        glass = _flat_glass_rgb(rgb)
     if glass is not None:
         mask, threshold = _threshold(rgb, glass, settings)
     else:
@@ -101,6 +112,16 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, backg
         padded = cv2.copyMakeBorder(mask.view(np.uint8), *(radius,) * 4, cv2.BORDER_CONSTANT, value=0)
         closed = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk)
         mask = np.ascontiguousarray(closed[radius:-radius, radius:-radius]).view(bool)
+        # The closing joins cells across pale gaps, and would also fill fat cells and lumina:
+        # pieces as clear as glass (below min_od), at least a closing disk in area, stay holes,
+        # with the one-pixel rim the blur of the low-resolution read gives them.
+        clear = (_od_sum(rgb, glass if glass is not None else background) < settings.min_od).view(np.uint8)
+        n, pieces, stats, _ = cv2.connectedComponentsWithStats(clear, connectivity=4)
+        if n > 1:
+            big = stats[:, cv2.CC_STAT_AREA] >= disk.sum()
+            big[0] = False
+            holes = cv2.dilate(big[pieces].view(np.uint8), cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3)))
+            mask &= holes == 0
     min_px = settings.min_region_um2 / (mpp * mpp)
     if min_px > 1 and mask.any():
         _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=4)
@@ -110,15 +131,22 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, backg
     return TissueMask(mask=mask, mpp=mpp, threshold_od=threshold, glass_rgb=glass)
 
 
+def _od_sum(rgb: np.ndarray, white: float | tuple[float, float, float]) -> np.ndarray:
+    od = rgb_to_od(rgb, white)
+    return ndimage.gaussian_filter(od[..., 0] + od[..., 1] + od[..., 2], 1.0)
+
+
 def _threshold(
     rgb: np.ndarray, white: float | tuple[float, float, float], settings: TissueSettings
 ) -> tuple[np.ndarray, float]:
-    od = rgb_to_od(rgb, white)
-    od = ndimage.gaussian_filter(od[..., 0] + od[..., 1] + od[..., 2], 1.0)
+    od = _od_sum(rgb, white)
     try:
-        otsu = float(threshold_otsu(od))
-    except ValueError:  # a constant image
-        otsu = settings.min_od
+        otsu = float(threshold_multiotsu(od, classes=3)[0])
+    except ValueError:  # fewer than three grey levels
+        try:
+            otsu = float(threshold_otsu(od))
+        except ValueError:  # a constant image
+            otsu = settings.min_od
     threshold = float(np.clip(otsu, settings.min_od, settings.max_od))
     return od > threshold, threshold
 
@@ -133,4 +161,26 @@ def _glass_rgb(rgb: np.ndarray, tissue: np.ndarray) -> tuple[float, float, float
     if pixels.shape[0] < max(100, 0.01 * tissue.size):
         return None
     r, g, b = np.median(pixels, axis=0)
+    return float(r), float(g), float(b)
+
+
+#: Glass is flat: a 3×3 standard deviation of brightness under this many grey levels.
+_FLAT_SD = 2.0
+
+#: Glass pixels lie within this many grey levels of the brightest flat pixels.
+_GLASS_SPREAD = 8.0
+
+
+def _flat_glass_rgb(rgb: np.ndarray) -> tuple[float, float, float] | None:
+    """Median colour of the brightest flat pixels (empty glass or lumina), None when there are too few."""
+    brightness = rgb.astype(np.float32).mean(axis=-1)
+    mean = cv2.blur(brightness, (3, 3))
+    sd = np.sqrt(np.maximum(cv2.blur(brightness * brightness, (3, 3)) - mean * mean, 0.0))
+    flat = (sd < _FLAT_SD) & (rgb.min(axis=-1) >= 150)
+    if flat.sum() < max(20, 0.005 * flat.size):
+        return None
+    glass = flat & (brightness >= np.percentile(brightness[flat], 99) - _GLASS_SPREAD)
+    if glass.sum() < max(20, 0.005 * flat.size):
+        return None
+    r, g, b = np.median(rgb[glass], axis=0)
     return float(r), float(g), float(b)

@@ -297,5 +297,3 @@ def test_a_disk_filling_up_mid_association_answers_out_of_resources(
     finally:
         assoc.release()
     assert _stored(listener.spool) == []
-
-

@@ -57,7 +57,7 @@ def test_a_newline_in_a_file_name_cannot_forge_a_log_line(fmt: str) -> None:
     if fmt == "json":
         assert json.loads(out)["file"] == name
     else:
-        assert "event=file_skipped" in out and '\\n2026' in out
+        assert "event=file_skipped" in out and "\\n2026" in out
         assert not out.split("event=file_skipped", 1)[1].startswith(" event=done")
 
 

@@ -407,5 +407,3 @@ def test_retention_purges_old_files_and_still_recognises_a_resend(
     again.queue.close()
     assert main(["jobs", "--config", str(cfg)]) == 0
     assert "done" in capsys.readouterr().out
-
-

@@ -3,9 +3,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pydicom
 import pytest
+import tifffile
 
 from adapter.synth import SynthOutput
 from config.errors import ConfigError
@@ -23,12 +25,79 @@ def test_convert_with_sidecar_round_trip(small_slide: SynthOutput, tmp_path: Pat
         identity = identity_from_sidecar(sidecar, src)
         convert_to_dicom(src, tmp_path / "dcm", identity, tile_size=256, quality=95)
         original = src.read_region(0, 0, 0, *src.size)
+        src_tile = src.levels[0].tile_width
     with open_slide(tmp_path / "dcm") as out:
         assert out.size == (1000, 760) and out.mpp == pytest.approx(0.5)
         assert out.metadata["patient"] == {"name": "Doe^Jane", "id": "P123", "birth_date": "19700102", "sex": "O"}
         converted = out.read_region(0, 0, 0, *out.size)
-    # Re-encoded once more as JPEG: close, not identical.
-    assert np.abs(converted.astype(int) - original).mean() < 2.0
+    # The SVS's own JPEG tiles were copied, in its own tile size: the very same pixels.
+    assert np.array_equal(converted, original)
+    level0 = max(
+        (pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "dcm").glob("*.dcm")),
+        key=lambda ds: int(ds.TotalPixelMatrixColumns),
+    )
+    assert (level0.Columns, level0.PhotometricInterpretation) == (src_tile, "YBR_FULL_422")
+
+
+def _smooth_image(height: int, width: int, seed: int) -> np.ndarray:
+    """Tissue-like colours that vary smoothly (JPEG keeps them within a few levels)."""
+    yy, xx = np.mgrid[:height, :width]
+    base = np.stack(
+        [170 + 40 * np.sin(xx / 37.0), 120 + 30 * np.cos(yy / 23.0), 150 + 20 * np.sin((xx + yy) / 51.0)], -1
+    )
+    noise = np.random.default_rng(seed).normal(0, 2, base.shape)
+    return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("photometric", ["rgb", "ycbcr"])
+def test_convert_copies_jpeg_tiles_in_the_colour_model_they_hold(photometric: str, tmp_path: Path) -> None:
+    """RGB JPEG tiles (Adobe marker, transform 0) become an RGB DICOM level; YCbCr tiles at full chroma
+    resolution without a JFIF marker, tagged YCbCr, become YBR_FULL; the pixels stay the same."""
+    img = _smooth_image(512, 768, 3)
+    encode = {"colorspace": "RGB", "outcolorspace": "RGB"} if photometric == "rgb" else {"subsampling": "444"}
+    tiles = []
+    for y in range(0, 512, 256):
+        for x in range(0, 768, 256):
+            stream = imagecodecs.jpeg8_encode(img[y : y + 256, x : x + 256], level=95, **encode)
+            if stream[2:4] == b"\xff\xe0":  # drop the JFIF marker: the TIFF tag says what the stream is
+                stream = stream[:2] + stream[4 + int.from_bytes(stream[4:6], "big") :]
+            tiles.append(stream)
+    src = tmp_path / "src.tif"
+    tifffile.imwrite(
+        src,
+        data=iter(tiles),
+        shape=(512, 768, 3),
+        dtype=np.uint8,
+        tile=(256, 256),
+        photometric=photometric,
+        compression=7,
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
+    with open_slide(src) as slide:
+        original = slide.read_region(0, 0, 0, *slide.size)
+        files = convert_to_dicom(slide, tmp_path / "dcm", identity_from_sidecar(None, slide))
+    assert np.abs(original.astype(int) - img).mean() < 3.0  # decoded in the right colours
+    with open_slide(tmp_path / "dcm") as out:
+        assert not out.metadata.get("warnings")
+        assert np.array_equal(out.read_region(0, 0, 0, *out.size), original)
+    level0 = max(
+        (pydicom.dcmread(p, stop_before_pixels=True) for p in files), key=lambda ds: int(ds.TotalPixelMatrixColumns)
+    )
+    assert level0.PhotometricInterpretation == ("RGB" if photometric == "rgb" else "YBR_FULL")
+    assert level0.Columns == 256
+
+
+def test_convert_encodes_a_level_that_is_not_jpeg(tmp_path: Path) -> None:
+    img = _smooth_image(300, 400, 4)
+    src = tmp_path / "src.tif"
+    tifffile.imwrite(src, img, tile=(128, 128), compression="zlib", resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    with open_slide(src) as slide:
+        convert_to_dicom(slide, tmp_path / "dcm", identity_from_sidecar(None, slide), tile_size=256, quality=95)
+    with open_slide(tmp_path / "dcm") as out:
+        converted = out.read_region(0, 0, 0, *out.size)
+        assert out.levels[0].tile_width == 256
+    assert 0 < np.abs(converted.astype(int) - img).mean() < 3.0  # encoded once as JPEG: close, not identical
 
 
 def test_sidecar_errors_name_the_key(small_slide: SynthOutput, tmp_path: Path) -> None:

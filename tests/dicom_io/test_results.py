@@ -232,9 +232,7 @@ def test_heatmap_values_are_block_h_scores(dicom_results: tuple[SlideResult, Wri
     assert checked >= 3
 
 
-def test_results_of_a_source_without_a_character_set_declare_utf8(
-    small_slide: SynthOutput, tmp_path: Path
-) -> None:
+def test_results_of_a_source_without_a_character_set_declare_utf8(small_slide: SynthOutput, tmp_path: Path) -> None:
     """Units such as "mm²" and "µm" must be declared: from a source without Specific Character Set every
     object says ISO_IR 192, dciodvfy reports no invalid character and dsrdump renders the KOS and SRs."""
     assert small_slide.dicom_dir
