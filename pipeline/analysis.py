@@ -77,6 +77,8 @@ class SlideResult:
     alerts: list[dict[str, str]]
     stain: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    #: The nucleus threshold the tiles used and how it was chosen (:func:`adapt_threshold`).
+    detection: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -89,6 +91,7 @@ class SlideResult:
             "alerts": self.alerts,
             "segmentation": self.compartments.method,
             "stain": self.stain,
+            "detection": self.detection,
             "settings": self.settings.model_dump(mode="json"),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -332,14 +335,19 @@ def _background(settings: Settings, tissue: TissueMask) -> Background:
     return (max(r, 1.0), max(g, 1.0), max(b, 1.0))
 
 
-def _estimate_stains(
-    slide: Slide, settings: Settings, cores: list[tuple[int, int, int, int]], background: Background, mpp: float
-) -> tuple[StainMatrix, str]:
+def _sample_tiles(
+    slide: Slide, settings: Settings, cores: list[tuple[int, int, int, int]], mpp: float
+) -> list[np.ndarray]:
+    """Up to ``stain.estimate_tiles`` tissue tiles spread over the slide, for per-slide estimates."""
+    pick = np.linspace(0, len(cores) - 1, min(settings.stain.estimate_tiles, len(cores))).astype(int)
+    return [slide.read_at_mpp(mpp, *cores[i])[0] for i in pick] if cores else []
+
+
+def _estimate_stains(settings: Settings, tiles: list[np.ndarray], background: Background) -> tuple[StainMatrix, str]:
     ref = StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
     if not settings.stain.estimate:
         return ref, "default"
-    pick = np.linspace(0, len(cores) - 1, min(settings.stain.estimate_tiles, len(cores))).astype(int)
-    ods = [rgb_to_od(slide.read_at_mpp(mpp, *cores[i])[0], background).reshape(-1, 3) for i in pick]
+    ods = [rgb_to_od(t, background).reshape(-1, 3) for t in tiles]
     if not ods:
         return ref, "no tissue tiles; kept default vectors"
     return estimate_macenko(np.concatenate(ods), ref, max_angle_deg=settings.stain.estimate_max_angle_deg)
@@ -373,8 +381,23 @@ def analyse(
         if fractions[c[1] // grid.tile_size, c[0] // grid.tile_size] >= settings.tissue.min_tile_tissue
     ]
     t = time.perf_counter()
-    stains, stain_status = _estimate_stains(slide, settings, cores, background, mpp)
+    tiles = (
+        _sample_tiles(slide, settings, cores, mpp)
+        if settings.stain.estimate or settings.nuclei.adaptive_threshold
+        else []
+    )
+    stains, stain_status = _estimate_stains(settings, tiles, background)
     timings["stain_estimation"] = time.perf_counter() - t
+    configured = settings
+    settings, detection = adapt_threshold(settings, tiles, stains, background, mpp)
+    if detection["threshold"] != configured.nuclei.threshold:
+        log.info(
+            "%s: pale counterstain (nuclear haematoxylin %.3f OD): nucleus threshold %.3f instead of %.3f",
+            slide.path,
+            detection["nuclear_hematoxylin_od"],
+            detection["threshold"],
+            configured.nuclei.threshold,
+        )
 
     t = time.perf_counter()
     workers = min(workers, max(1, len(cores)))
@@ -478,7 +501,7 @@ def analyse(
     return SlideResult(
         profile=settings.profile,
         slide=described,
-        settings=settings,
+        settings=configured,
         analysis_mpp=mpp,
         tissue=tissue,
         compartments=compartments,
@@ -495,7 +518,38 @@ def analyse(
             "tissue_threshold_od": tissue.threshold_od,
         },
         timings=timings,
+        detection=detection,
     )
+
+
+def adapt_threshold(
+    settings: Settings, tiles: list[np.ndarray], stains: StainMatrix, background: Background, mpp: float
+) -> tuple[Settings, dict[str, Any]]:
+    """The settings the tiles are scored with, and a record of the nucleus threshold chosen.
+
+    With ``nuclei.adaptive_threshold`` (and no nucleus model), the slide's nuclear haematoxylin
+    level is the 99th percentile of haematoxylin OD, smoothed by the detection sigma, over the
+    sampled tissue tiles: what its darkest blue nuclei reach. A normal counterstain (the real
+    Ki-67 crop OS-2: 0.32 OD; the generator's default: 0.61) leaves the threshold as configured;
+    a pale one (the generator at a third of its counterstain: 0.23) lowers it to
+    ``adaptive_fraction`` of that level, never below ``min_threshold`` — on a pale slide a fixed
+    0.1 OD misses the nuclei whose smoothed haematoxylin never reaches it.
+    """
+    n = settings.nuclei
+    record: dict[str, Any] = {"threshold": n.threshold, "configured_threshold": n.threshold, "adaptive": False}
+    if not n.adaptive_threshold or n.model is not None or not tiles:
+        return settings, record
+    sigma_px = n.sigma_um / mpp
+    smoothed = []
+    for pixels in tiles:
+        h_od, _ = stain_planes(pixels, stains, background)
+        smoothed.append(cv2.GaussianBlur(np.ascontiguousarray(h_od, np.float32), (0, 0), sigma_px).ravel())
+    level = float(np.percentile(np.concatenate(smoothed), 99))
+    threshold = float(max(n.min_threshold, min(n.threshold, n.adaptive_fraction * level)))
+    record.update(adaptive=True, nuclear_hematoxylin_od=round(level, 4), threshold=round(threshold, 4))
+    if threshold == n.threshold:
+        return settings, record
+    return settings.model_copy(update={"nuclei": n.model_copy(update={"threshold": threshold})}), record
 
 
 def _worker_context(opener: SlideOpener, slide: Slide) -> multiprocessing.context.ForkServerContext:

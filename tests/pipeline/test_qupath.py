@@ -181,6 +181,7 @@ def test_qupath_protocol_on_real_ki67_matches_qupath(row: int, tmp_path: Path) -
         *("--set", "nuclei.sigma_um=2", "--set", f"nuclei.threshold={ref['detection_threshold']}"),
         *("--set", "nuclei.min_area_um2=10", "--set", "nuclei.max_area_um2=400", "--set", "nuclei.max_background=2"),
         *("--set", "nuclei.split_by_shape=true", "--set", "nuclei.exclude_dab=false"),
+        *("--set", "nuclei.adaptive_threshold=false"),  # QuPath's threshold is fixed
         *("--set", "nuclei.cell_expansion_um=0", "--set", "nuclei.smooth_boundaries=true"),
         *("--set", "stain.background=255", "--set", 'intensity.compartment="nucleus"'),
         *("--set", 'intensity.statistic="mean"', "--set", f"intensity.single_threshold={ref['dab_threshold']}"),
