@@ -281,6 +281,13 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from config.reference import reference
+
+    sys.stdout.write(reference())
+    return 0
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
     from adapter.queue import JobQueue
 
@@ -386,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = cfg_sub.add_parser("check", help="validate a configuration file and print the result")
     check.add_argument("config", nargs="?")
     check.set_defaults(func=cmd_config_check)
+    ref = cfg_sub.add_parser("reference", help="print the configuration reference (docs/configuration.md)")
+    ref.set_defaults(func=cmd_config_reference)
     jobs = sub.add_parser("jobs", help="list jobs with their states and reasons; 'jobs purge' deletes old files")
     jobs.add_argument("--config")
     jobs.add_argument("--state", choices=[str(s) for s in JobState])

@@ -4,10 +4,11 @@
     python bench/accuracy.py --profile her2 --localisation membranous
 
 For a typical (40 % tumour), a low-tumour (5 %) and a stain-varied slide,
-and, with ``--hard``, the hard cases of real slides (a pale counterstain,
-brown nuclei with little haematoxylin left under saturated DAB, an
-off-vector stain with a scanner colour cast; DAB drawn without gaps at the
-class cut-offs): cell detection F1 (centroids within 4 µm) and recall, the
+and, with ``--hard``, the hard cases of real slides (a pale and a very pale
+counterstain, brown nuclei with little haematoxylin left under saturated
+DAB, a scanner colour cast, and two slides whose stain vectors are rotated
+up to 8° from the defaults, one under a colour cast; DAB drawn without gaps
+at the class cut-offs): cell detection F1 (centroids within 4 µm) and recall, the
 recall of DAB-positive (2+ and 3+) nuclei, intensity-class accuracy,
 per-compartment H-score and tumour positive-% error (measured − truth),
 tumour IoU and the alerts raised. The last line is one JSON object.
@@ -109,10 +110,13 @@ def main() -> None:
         common["continuous_dab"] = True
         specs = {
             "pale_counterstain": SynthSpec(seed=41, counterstain_scale=0.35, **common),
+            "very_pale_counterstain": SynthSpec(seed=46, counterstain_scale=0.2, **common),
             "dab_dominant": SynthSpec(
                 seed=42, dab_masks_hematoxylin=0.85, strong_dab_od=1.5, tumour_classes=(0.3, 0.1, 0.2, 0.4), **common
             ),
+            "colour_cast": SynthSpec(seed=44, colour_cast=(1.0, 0.94, 0.86), **common),
             "off_vector": SynthSpec(seed=43, stain_jitter_deg=8, colour_cast=(1.0, 0.94, 0.86), **common),
+            "off_vector_2": SynthSpec(seed=45, stain_jitter_deg=8, **common),
         }
     report = {}
     with tempfile.TemporaryDirectory() as tmp:

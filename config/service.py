@@ -44,17 +44,19 @@ class PathsConfig(_Frozen):
 
 
 class ScoringConfig(_Frozen):
-    profile: str = "hscore"
+    profile: str = Field("hscore", description="stain profile, by name or path to a .toml (see Profiles)")
     overrides: tuple[str, ...] = Field((), description="key=value settings, as for --set")
     workers: int = Field(0, ge=0, description="tile processes per slide; 0 = all cores")
 
 
 class WatchConfig(_Frozen):
-    folders: tuple[Path, ...] = ()
+    folders: tuple[Path, ...] = Field((), description="folders watched for slides (DICOM, OME-TIFF, SVS, TIFF)")
     settle_seconds: float = Field(5.0, ge=0, description="size and mtime unchanged this long = file complete")
-    after: Literal["leave", "move", "delete"] = "leave"
-    done_folder: Path | None = None
-    ignore: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", ".*", "*~")
+    after: Literal["leave", "move", "delete"] = Field("leave", description="what happens to a file once scored")
+    done_folder: Path | None = Field(None, description="where after = 'move' puts scored files")
+    ignore: tuple[str, ...] = Field(
+        ("*.part", "*.tmp", "*.partial", ".*", "*~"), description="file name patterns never picked up"
+    )
     follow_symlinks: bool = Field(
         False,
         description="read files through symbolic links that lead outside the watch folders (off: such links "
@@ -69,16 +71,18 @@ class WatchConfig(_Frozen):
 
 
 class TlsConfig(_Frozen):
-    certificate: Path
-    key: Path
+    """TLS on the listener (DICOM TLS profile)."""
+
+    certificate: Path = Field(..., description="PEM certificate chain of the listener")
+    key: Path = Field(..., description="PEM private key of the certificate")
     ca: Path | None = Field(None, description="CA bundle to require and verify client certificates")
 
 
 class ScpConfig(_Frozen):
-    enabled: bool = True
+    enabled: bool = Field(True, description="run the C-STORE listener")
     ae_title: str = Field("IHC_ADAPTER", description="our AE title; associations calling another are rejected")
     host: str = Field("0.0.0.0", description="address to listen on (127.0.0.1: this machine only)")
-    port: int = Field(11112, ge=1, le=65535)
+    port: int = Field(11112, ge=1, le=65535, description="TCP port of the listener")
     allowed_calling_aes: tuple[str, ...] = Field(
         (), description="calling AE titles accepted; empty = any (a warning at start-up on a non-loopback address)"
     )
@@ -107,7 +111,7 @@ class ScpConfig(_Frozen):
         1024.0, ge=0, description="below this much free space on the spool's disk, new objects are refused (0xA700)"
     )
     accept_other_storage: bool = Field(False, description="also accept storage classes other than VL WSI")
-    tls: TlsConfig | None = None
+    tls: TlsConfig | None = Field(None, description="accept only TLS associations (see scp.tls.*)")
 
     @field_validator("ae_title")
     @classmethod
@@ -123,16 +127,16 @@ class ScpConfig(_Frozen):
 class DestinationTls(_Frozen):
     ca: Path | None = Field(None, description="CA bundle to verify the destination (default: the system's)")
     certificate: Path | None = Field(None, description="our client certificate, where the destination asks for one")
-    key: Path | None = None
+    key: Path | None = Field(None, description="private key of that certificate")
     server_name: str | None = Field(None, description="name to verify in its certificate (default: host)")
 
 
 class Destination(_Frozen):
-    name: str = Field(..., min_length=1)
-    host: str
-    port: int = Field(..., ge=1, le=65535)
-    ae_title: str
-    calling_ae: str = "IHC_ADAPTER"
+    name: str = Field(..., min_length=1, description="unique name, shown in job listings and logs")
+    host: str = Field(..., description="the PACS' address")
+    port: int = Field(..., ge=1, le=65535, description="the PACS' DICOM port")
+    ae_title: str = Field(..., description="the PACS' AE title (called AE)")
+    calling_ae: str = Field("IHC_ADAPTER", description="our AE title towards this destination")
     tls: DestinationTls | None = Field(None, description="send over TLS (DICOM TLS profile)")
 
     @field_validator("ae_title", "calling_ae")
@@ -143,7 +147,7 @@ class Destination(_Frozen):
 
 class ServiceOptions(_Frozen):
     concurrency: int = Field(1, ge=1, le=16, description="slides scored at once")
-    poll_seconds: float = Field(1.0, gt=0)
+    poll_seconds: float = Field(1.0, gt=0, description="how often idle workers look for queued jobs")
     log_patient_data: bool = Field(
         False, description="add the patient ID and accession number to each job's 'done' event (off: never logged)"
     )
@@ -154,8 +158,8 @@ class ServiceOptions(_Frozen):
     http_host: str = Field(
         "127.0.0.1", description="address /healthz and /metrics listen on (0.0.0.0 in a container for Prometheus)"
     )
-    retry_base_seconds: float = Field(5.0, gt=0)
-    retry_max_seconds: float = Field(3600.0, gt=0)
+    retry_base_seconds: float = Field(5.0, gt=0, description="first wait before a failed delivery is retried")
+    retry_max_seconds: float = Field(3600.0, gt=0, description="longest wait between delivery retries (doubling)")
 
 
 class RetentionConfig(_Frozen):

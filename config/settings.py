@@ -76,7 +76,7 @@ class TissueSettings(_Frozen):
 
 
 class TilingSettings(_Frozen):
-    tile_size: int = Field(512, ge=64, le=4096)
+    tile_size: int = Field(512, ge=64, le=4096, description="analysis tile size in pixels at the requested pixel size")
     margin_um: float = Field(16.0, ge=0, description="context read around each tile; cells are owned by centre")
     workers: int = Field(0, ge=0, le=64, description="processes; 0 = number of CPU cores")
     group_tiles: int = Field(
@@ -140,7 +140,9 @@ class NucleiSettings(_Frozen):
     )
     model_channels: Literal["rgb", "hdab"] = Field("rgb", description="model input: RGB in [0,1] or H/DAB/residual OD")
     model_threshold: float = Field(0.5, gt=0, lt=1, description="nucleus probability threshold for the model")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where the nucleus model runs (auto: CUDA if present)"
+    )
 
     @model_validator(mode="after")
     def _areas(self) -> NucleiSettings:
@@ -179,7 +181,9 @@ class IntensitySettings(_Frozen):
 class SegmentationSettings(_Frozen):
     """Tumour–stroma segmentation into tumour / stroma / fat-background / other."""
 
-    method: Literal["builtin", "model"] = "builtin"
+    method: Literal["builtin", "model"] = Field(
+        "builtin", description="'builtin': the nuclear-crowding rule; 'model': the model file in segmentation.model"
+    )
     grid_um: float = Field(16.0, gt=0, description="builtin: feature grid cell size")
     smooth_um: float = Field(24.0, ge=0, description="builtin: Gaussian smoothing of features")
     tumour_nuclear_fraction: float = Field(
@@ -214,13 +218,13 @@ class SegmentationSettings(_Frozen):
         None, description="model file, TorchScript or torch.export .pt2 (required for method='model')"
     )
     model_mpp: float = Field(2.0, gt=0, description="model input resolution (µm/px)")
-    model_tile_size: int = Field(256, ge=16, le=4096)
+    model_tile_size: int = Field(256, ge=16, le=4096, description="model input tile size in pixels at model_mpp")
     model_channels: Literal["rgb", "hdab"] = Field("rgb", description="rgb in [0,1] or H/DAB/residual OD")
     model_classes: tuple[str, ...] = Field(
         ("tumour", "stroma", "fat_background", "other"), description="meaning of the model's output channels"
     )
-    batch_size: int = Field(8, ge=1, le=256)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(8, ge=1, le=256, description="model tiles per batch")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs (auto: CUDA if present)")
 
     @model_validator(mode="after")
     def _model_needs_file(self) -> SegmentationSettings:
@@ -240,7 +244,9 @@ MEMBRANE_SCORES = ("her2", "pdl1")
 class ScoreSettings(_Frozen):
     """Profile-specific clinical scores and alert limits."""
 
-    kind: Literal["hscore", "ki67", "er", "pr", "her2", "pdl1"] = "hscore"
+    kind: Literal["hscore", "ki67", "er", "pr", "her2", "pdl1"] = Field(
+        "hscore", description="which clinical score the profile reports besides the per-compartment H-scores"
+    )
     low_tumour_fraction: float = Field(0.10, ge=0, le=1, description="alert below this tumour/tissue area")
     min_tumour_cells: int = Field(100, ge=0, description="alert when fewer tumour cells were scored")
     min_tissue_mm2: float = Field(0.5, ge=0, description="alert when less tissue was found")
@@ -268,8 +274,8 @@ class OutputSettings(_Frozen):
 class Settings(_Frozen):
     """Everything the scoring pipeline reads; build with :func:`load_settings`."""
 
-    profile: str = "hscore"
-    description: str = ""
+    profile: str = Field("hscore", description="the profile's name (set by the profile file)")
+    description: str = Field("", description="one line on what the profile scores")
     stain: StainSettings = StainSettings()
     tissue: TissueSettings = TissueSettings()
     tiling: TilingSettings = TilingSettings()

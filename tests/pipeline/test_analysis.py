@@ -53,16 +53,16 @@ def test_cell_detection_f1_and_class_accuracy(
     tp = len(set(j[ok]))
     precision, recall = tp / len(d), tp / len(truth["x_px"])
     f1 = 2 * precision * recall / (precision + recall)
-    assert f1 >= 0.9, (precision, recall)
+    assert f1 >= 0.97, (precision, recall)  # 0.994 / 0.988 measured
     accuracy = (r.cells["intensity_class"][ok] == truth["intensity_class"][j[ok]]).mean()
-    assert accuracy >= 0.9
+    assert accuracy >= 0.98  # 1.000 / 0.996
 
 
 def test_compartment_h_scores(results: dict[str, SlideResult], accuracy_slides: dict[str, SynthOutput]) -> None:
     r, out = results["typical"], accuracy_slides["typical"]
     for compartment in ("tumour", "stroma", "tissue"):
         expected = out.truth["compartments"][compartment]["h_score"]
-        assert abs(r.compartment_stats[compartment]["h_score"] - expected) <= 10, compartment
+        assert abs(r.compartment_stats[compartment]["h_score"] - expected) <= 4, compartment  # within 0.8 measured
 
 
 @pytest.mark.parametrize("name", ["typical", "low_tumour"])
@@ -75,8 +75,8 @@ def test_tumour_iou_and_fraction(
     yy, xx = np.indices(truth.shape)
     predicted = r.compartments.lookup((xx + 0.5) * step_um, (yy + 0.5) * step_um)
     t, p = truth == TUMOUR, predicted == TUMOUR
-    assert (t & p).sum() / (t | p).sum() >= 0.8
-    assert abs(r.tumour_fraction - out.truth["tumour_fraction"]) < 0.1
+    assert (t & p).sum() / (t | p).sum() >= 0.8  # 0.91 / 0.83 measured
+    assert abs(r.tumour_fraction - out.truth["tumour_fraction"]) < 0.05  # 0.027 / 0.004
 
 
 def test_low_tumour_alert_exactly_on_the_low_tumour_slide(results: dict[str, SlideResult]) -> None:
