@@ -24,6 +24,7 @@ from pydicom.sr.codedict import codes
 from dicom_io.seg import SEGMENTS, level_mpp
 from dicom_io.sm_image import SOFTWARE_NAME, software_version
 from pipeline.analysis import SlideResult
+from pipeline.scoring import AlertCode
 from pipeline.segmentation import TUMOUR
 
 log = logging.getLogger(__name__)
@@ -58,16 +59,9 @@ ALLRED = {
 TPS = _private("PDL1-TPS", "PD-L1 tumour proportion score")
 RECEPTOR_STATUS = _private("RECEPTOR-STATUS", "Hormone receptor status")
 HER2_SCORE = _private("HER2-IHC", "HER2 IHC score")
-INSUFFICIENT_SAMPLE = CodedConcept("281268007", "SCT", "Insufficient sample")
-ALERT_VALUES = {
-    "NO_TUMOUR": _private("NO-TUMOUR", "No tumour found"),
-    "FEW_TUMOUR_CELLS": _private("FEW-TUMOUR-CELLS", "Too few tumour cells to score"),
-    "LITTLE_TISSUE": _private("LITTLE-TISSUE", "Little tissue"),
-    "HER2_EQUIVOCAL": _private("HER2-EQUIVOCAL", "HER2 equivocal, reflex ISH indicated"),
-    "NEAR_CUTOFF": _private("NEAR-CUTOFF", "Result near a clinical cut-off"),
-    "LOW_POSITIVE": _private("LOW-POSITIVE", "Low positive"),
-    "LOW_TUMOUR": INSUFFICIENT_SAMPLE,
-}
+#: Concept name of every alert: one qualitative evaluation per alert, its code the value.
+ALERT = _private("ALERT", "Automated analysis alert")
+ALERT_VALUES = {code: _private(code.value.replace("_", "-"), code.meaning) for code in AlertCode}
 PERCENT = CodedConcept("%", "UCUM", "percent")
 MM2 = CodedConcept("mm2", "UCUM", "square millimeter")
 PER_MM2 = CodedConcept("/mm2", "UCUM", "per square millimeter")
@@ -120,8 +114,7 @@ def slide_level_content(result: SlideResult) -> tuple[list[hd.sr.Measurement], l
         label = her2["category"] if her2["category"] != "0" else f"0 ({her2['zero_subtype']})"
         evaluations.append(hd.sr.QualitativeEvaluation(HER2_SCORE, _private(f"HER2-{label}", f"HER2 {label}")))
     for alert in result.alerts:
-        value = ALERT_VALUES.get(alert["code"], _private(alert["code"], alert["code"].replace("_", " ").lower()))
-        evaluations.append(hd.sr.QualitativeEvaluation(codes.DCM.Finding, value))
+        evaluations.append(hd.sr.QualitativeEvaluation(ALERT, ALERT_VALUES[AlertCode(alert["code"])]))
     return [m for m in measurements if m is not None], evaluations
 
 
@@ -290,7 +283,8 @@ def build_viewer_report(
     series_number: int = 210,
     previous: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR | None:
-    """TID 1410 groups only: tumour regions as SCOORD3D polygons with key measurements.
+    """TID 1410 groups only: tumour regions as SCOORD3D polygons, each with its own measurements
+    (H-score, % positive, cells, area); the slide's scores and alerts are in the full report.
 
     Slim draws only such reports (one slide-level or SEG-referencing group
     makes it reject the whole document), hence a second SR beside the full one.
@@ -305,8 +299,6 @@ def build_viewer_report(
     mpp0 = level_mpp(base)
     scale = result.compartments.mpp / mpp0  # map px → level-0 px
     transformer = hd.spatial.ImageToReferenceTransformer.for_image(base, for_total_pixel_matrix=True)
-    measurements, evaluations = slide_level_content(result)
-    key = [m for m in measurements if m.name in (KI67_INDEX, TPS, TUMOUR_FRACTION)]
     groups = []
     for i, (contour, cells) in enumerate(regions, start=1):
         # Contour (row, col) in map px → (column, row) in level-0 total pixel matrix → slide mm.
@@ -321,7 +313,6 @@ def build_viewer_report(
                 _m(POSITIVE_PERCENT, scoring.positive_percent(counts), PERCENT),
                 _m(TOTAL_CELLS, int(counts.sum()), CELLS),
                 _m(AREA, area_mm2, MM2),
-                *key,
             )
             if m is not None
         ]
@@ -337,7 +328,6 @@ def build_viewer_report(
                 finding_category=SEGMENTS[0].category,
                 algorithm_id=algorithm(),
                 measurements=region_measurements,
-                qualitative_evaluations=evaluations or None,
             )
         )
     return _unverified_report(

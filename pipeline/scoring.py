@@ -7,12 +7,42 @@ the cell-weighted mean of tile scores (tiles with more cells weigh more).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from config.settings import ScoreSettings
+
+
+class AlertCode(StrEnum):
+    """Why a pathologist must look at a result before accepting it (the ``code`` of each alert)."""
+
+    LITTLE_TISSUE = "LITTLE_TISSUE"
+    NO_TUMOUR = "NO_TUMOUR"
+    LOW_TUMOUR = "LOW_TUMOUR"
+    FEW_TUMOUR_CELLS = "FEW_TUMOUR_CELLS"
+    NEAR_CUTOFF = "NEAR_CUTOFF"
+    LOW_POSITIVE = "LOW_POSITIVE"
+    HER2_EQUIVOCAL = "HER2_EQUIVOCAL"
+
+    @property
+    def meaning(self) -> str:
+        """One line on what the alert means, as the DICOM SR and the conformance statement give it."""
+        return _ALERT_MEANINGS[self]
+
+
+_ALERT_MEANINGS = {  # at most 64 characters: a DICOM Code Meaning
+    AlertCode.LITTLE_TISSUE: "Less tissue than the profile's minimum",
+    AlertCode.NO_TUMOUR: "No tumour found; the scores are not valid",
+    AlertCode.LOW_TUMOUR: "Tumour a small part of tissue; automated scores overestimate",
+    AlertCode.FEW_TUMOUR_CELLS: "Fewer tumour cells than the profile's minimum",
+    AlertCode.NEAR_CUTOFF: "Score near a clinical cut-off of the profile",
+    AlertCode.LOW_POSITIVE: "ER or PR low positive (1-10 % of tumour cells)",
+    AlertCode.HER2_EQUIVOCAL: "HER2 2+ (equivocal): reflex in-situ hybridisation",
+}
+
 
 #: Cell (or pixel) counts of negative, 1+, 2+, 3+.
 Counts = Sequence[int] | npt.NDArray[np.integer]
@@ -154,33 +184,42 @@ def alerts(
     """Conditions a pathologist must look at before accepting the result."""
     out: list[dict[str, str]] = []
 
-    def add(code: str, message: str) -> None:
-        out.append({"code": code, "message": message})
+    def add(code: AlertCode, message: str) -> None:
+        out.append({"code": code.value, "message": message})
 
     if tissue_mm2 < settings.min_tissue_mm2:
-        add("LITTLE_TISSUE", f"only {tissue_mm2:.2f} mm² of tissue found (minimum {settings.min_tissue_mm2} mm²)")
+        add(
+            AlertCode.LITTLE_TISSUE,
+            f"only {tissue_mm2:.2f} mm² of tissue found (minimum {settings.min_tissue_mm2} mm²)",
+        )
     if tumour_cells == 0 or tumour_fraction == 0:
-        add("NO_TUMOUR", "no tumour found; the scores are not valid")
+        add(AlertCode.NO_TUMOUR, "no tumour found; the scores are not valid")
     else:
         if tumour_fraction < settings.low_tumour_fraction:
             add(
-                "LOW_TUMOUR",
+                AlertCode.LOW_TUMOUR,
                 f"tumour is {100 * tumour_fraction:.1f}% of tissue (< {100 * settings.low_tumour_fraction:.0f}%): "
                 "automated scores overestimate here; verify by eye",
             )
         if tumour_cells < settings.min_tumour_cells:
-            add("FEW_TUMOUR_CELLS", f"only {tumour_cells} tumour cells scored (minimum {settings.min_tumour_cells})")
+            add(
+                AlertCode.FEW_TUMOUR_CELLS,
+                f"only {tumour_cells} tumour cells scored (minimum {settings.min_tumour_cells})",
+            )
     margin = settings.near_cutoff_percent
     if kind == "ki67" and scores.get("ki67_index_percent") is not None:
         k = scores["ki67_index_percent"]
         if abs(k - settings.ki67_cutoff_percent) <= margin:
-            add("NEAR_CUTOFF", f"Ki-67 {k:.1f}% is within {margin}% of the {settings.ki67_cutoff_percent}% cut-off")
+            add(
+                AlertCode.NEAR_CUTOFF,
+                f"Ki-67 {k:.1f}% is within {margin}% of the {settings.ki67_cutoff_percent}% cut-off",
+            )
     if kind in ("er", "pr") and scores.get("category") is not None:
         p = scores["positive_percent"]
         if scores["category"] == "low positive":
-            add("LOW_POSITIVE", f"{kind.upper()} low positive ({p:.1f}% of tumour cells, 1–10%)")
+            add(AlertCode.LOW_POSITIVE, f"{kind.upper()} low positive ({p:.1f}% of tumour cells, 1–10%)")
         elif any(abs(p - cut) <= margin for cut in (1.0, 10.0)):
-            add("NEAR_CUTOFF", f"{kind.upper()} {p:.1f}% is near the 1% / 10% cut-offs")
+            add(AlertCode.NEAR_CUTOFF, f"{kind.upper()} {p:.1f}% is near the 1% / 10% cut-offs")
     if kind == "her2" and (scores.get("her2") or {}).get("category") == "2+":
-        add("HER2_EQUIVOCAL", "HER2 2+ (equivocal): reflex in-situ hybridisation (ISH) testing is indicated")
+        add(AlertCode.HER2_EQUIVOCAL, "HER2 2+ (equivocal): reflex in-situ hybridisation (ISH) testing is indicated")
     return out

@@ -18,8 +18,9 @@ from config.settings import load_settings
 from dicom_io import open_slide
 from dicom_io.results import WrittenResults, write_results
 from dicom_io.seg import labels_on_level, read_headers
-from dicom_io.sr import H_SCORE, SCHEME
+from dicom_io.sr import ALERT, H_SCORE, POSITIVE_PERCENT, SCHEME, TOTAL_CELLS
 from pipeline.analysis import SlideResult, analyse
+from pipeline.scoring import AlertCode
 from tests.conftest import require_tool
 
 #: dciodvfy (dicom3tools 2022-06 build) messages known to be wrong, by exact text, with the reason.
@@ -206,7 +207,29 @@ def test_viewer_report_has_only_image_region_groups(
         assert np.mean(near) >= 0.95
         drawn_mm2 += g.get_measurements(name=hd.sr.CodedConcept("42798000", "SCT", "Area"))[0].value
         assert g.get_measurements(name=H_SCORE)
+        # Only the region's own values: no slide-level score, fraction or alert.
+        names = {m.name.value for m in g.get_measurements()}
+        assert names == {H_SCORE.value, POSITIVE_PERCENT.value, TOTAL_CELLS.value, "42798000"}, names
+        assert g.get_qualitative_evaluations(name=ALERT) == []
     assert drawn_mm2 == pytest.approx(tumour_mm2, rel=0.25)
+
+
+def test_alerts_are_qualitative_evaluations_a_reader_gets_back(
+    dicom_results: tuple[SlideResult, WrittenResults],
+) -> None:
+    """One evaluation per alert, named by one concept and valued by the alert's own code; the slide
+    group keeps a single Finding (highdicom warns and drops evaluations when there are two)."""
+    result, written = dicom_results
+    assert result.alerts
+    sr = hd.sr.srread(written.dicom["sr"][0])
+    slide = next(g for g in sr.content.get_image_measurement_groups() if str(g.tracking_identifier) == "slide")
+    alerts = slide.get_qualitative_evaluations(name=ALERT)
+    assert [e.value.value for e in alerts] == [a["code"].replace("_", "-") for a in result.alerts]
+    assert all(e.value.scheme_designator == SCHEME for e in alerts)
+    assert [e.value.meaning for e in alerts] == [AlertCode(a["code"]).meaning for a in result.alerts]
+    items = slide[0].ContentSequence
+    findings = [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "121071"]  # DCM Finding
+    assert len(findings) == 1 and findings[0].ConceptCodeSequence[0].CodeValue == "85756007"  # Tissue
 
 
 def test_heatmap_values_are_block_h_scores(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
