@@ -269,6 +269,11 @@ class OutputSettings(_Frozen):
 
     heatmap: bool = Field(False, description="also write a Parametric Map of local H-score")
     heatmap_um: float = Field(128.0, gt=0, description="block size of the heatmap (µm)")
+    content_qualification: Literal["PRODUCT", "RESEARCH", "SERVICE"] = Field(
+        "PRODUCT",
+        description="Content Qualification of the Parametric Map: PRODUCT for clinical use (the SR stays "
+        "UNVERIFIED until a pathologist signs it), RESEARCH where results serve research only",
+    )
 
 
 class Settings(_Frozen):

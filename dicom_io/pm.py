@@ -36,8 +36,15 @@ def h_score_blocks(result: SlideResult, block_um: float, shape_um: tuple[float, 
 
 
 def build_heatmap(
-    result: SlideResult, volumes: list[pydicom.Dataset], block_um: float = 128.0, series_number: int = 500
+    result: SlideResult,
+    volumes: list[pydicom.Dataset],
+    block_um: float = 128.0,
+    series_number: int = 500,
+    content_qualification: str = "PRODUCT",
 ) -> hd.pm.ParametricMap:
+    """Local H-score as a Parametric Map on the source level nearest the compartment map. Stored
+    value = H-score + 1; 0 (no cells in the block) lies outside the real-world value mapping, so a
+    reader gets no value there rather than a fake H-score."""
     level = volumes[choose_level(volumes, result.compartments.mpp)]
     rows, cols = int(level.TotalPixelMatrixRows), int(level.TotalPixelMatrixColumns)
     mpp = level_mpp(level)
@@ -48,9 +55,9 @@ def build_heatmap(
     pixels = np.where(np.isnan(values), 0, np.rint(values) + 1).astype(np.uint16)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="HSCORE",
-        lut_explanation=f"H-score of cells in {block_um:g} µm blocks (value - 1; 0 = no cells)",
+        lut_explanation=f"H-score in {block_um:g} µm blocks (stored 0: no cells, unmapped)",
         unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
-        value_range=(0, 301),
+        value_range=(0, 301),  # highdicom wants every stored value in range; 0 is unmapped below
         slope=1,
         intercept=-1,
         quantity_definition=H_SCORE,
@@ -71,11 +78,14 @@ def build_heatmap(
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=151.0, window_width=300.0)],
         transfer_syntax_uid=ExplicitVRLittleEndian,
         content_label="HSCORE_HEATMAP",
+        content_qualification=content_qualification,
         content_description=f"{result.profile} local H-score",
         tile_pixel_array=True,
         tile_size=(int(level.Columns), int(level.Rows)),
         # TILED_SPARSE: per-frame plane positions, which validators still require for PMs.
         dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
     )
+    # Stored 0 (no cells) outside the mapped range: a reader gets no real-world value there.
+    pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].RealWorldValueFirstValueMapped = 1
     declare_private_scheme(pm)
     return pm

@@ -107,10 +107,12 @@ def write_results(
         if viewer is not None:
             written.dicom["viewer_sr"] = [save(viewer, out_dir)]
         written.dicom["ann"] = [save(build_annotations(result, volumes), out_dir)]
-        if result.settings.outputs.heatmap:
-            written.dicom["heatmap"] = [
-                save(build_heatmap(result, volumes, result.settings.outputs.heatmap_um), out_dir)
-            ]
+        outputs = result.settings.outputs
+        if outputs.heatmap:
+            heatmap = build_heatmap(
+                result, volumes, outputs.heatmap_um, content_qualification=outputs.content_qualification
+            )
+            written.dicom["heatmap"] = [save(heatmap, out_dir)]
         kos = build_review_flag(result, report, volumes[0])
         if kos is not None:
             written.dicom["ko"] = [save(kos, out_dir)]

@@ -237,8 +237,18 @@ def test_heatmap_values_are_block_h_scores(dicom_results: tuple[SlideResult, Wri
     pm = pydicom.dcmread(written.dicom["heatmap"][0])
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert float(mapping.RealWorldValueIntercept) == -1.0 and float(mapping.RealWorldValueSlope) == 1.0
-    # highdicom applies the real-world value mapping: these are H-scores.
-    pixels = hd.image.Image.from_dataset(pm, copy=False).get_total_pixel_matrix()
+    # Stored 0 (no cells in the block) is outside the mapped range: no value, not an H-score of -1.
+    assert (int(mapping.RealWorldValueFirstValueMapped), int(mapping.RealWorldValueLastValueMapped)) == (1, 301)
+    assert pm.ContentQualification == "PRODUCT"
+    assert (pm.pixel_array == 0).any()  # blocks without cells exist on this slide
+    # Stored values through the mapping where it maps them (highdicom's own transform refuses a
+    # matrix holding unmapped values, so it is applied here): H-scores, NaN where no cells.
+    stored = hd.image.Image.from_dataset(pm, copy=False).get_total_pixel_matrix(apply_real_world_transform=False)
+    first, last = int(mapping.RealWorldValueFirstValueMapped), int(mapping.RealWorldValueLastValueMapped)
+    mapped = (stored >= first) & (stored <= last)
+    pixels = np.where(
+        mapped, stored * float(mapping.RealWorldValueSlope) + float(mapping.RealWorldValueIntercept), np.nan
+    )
     mpp = float(pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
     block = result.settings.outputs.heatmap_um
     c = result.cells
