@@ -242,6 +242,79 @@ def _chamfer_cells(
 #: :func:`split_at_peaks` finds each pixel's nearest peak by trying every peak
 #: pixel of its piece while pixels × peak pixels of the piece stay under this;
 #: larger pieces (a fold, pen ink) use a linear-time propagation instead.
+@numba.njit(cache=_CACHE, nogil=True)
+def merge_neckless_peaks(
+    pieces: np.ndarray, plateaus: np.ndarray, n_plateaus: int, dist: np.ndarray, tolerance: float
+) -> tuple[np.ndarray, int]:
+    """Peak plateaus (labels 1..n_plateaus-1) of one piece that no neck separates, merged.
+
+    Two peaks of a piece's distance map are two nuclei only where the way between
+    them dips: along the straight line joining them (one sample per pixel) the
+    distance must fall more than ``tolerance`` below the lower peak, or leave
+    the piece. Otherwise (an elongated nucleus whose ridge has two bumps) the
+    plateaus are one. Returns the relabelled plateaus (1..k, in order of first
+    label) and k + 1.
+    """
+    height, width = plateaus.shape
+    py = np.full(n_plateaus, -1, np.int64)
+    px = np.zeros(n_plateaus, np.int64)
+    for y in range(height):
+        for x in range(width):
+            q = plateaus[y, x]
+            if q > 0 and py[q] < 0:
+                py[q], px[q] = y, x
+    parent = np.arange(n_plateaus)
+    order = np.argsort(pieces.ravel()[py[1:] * width + px[1:]]) + 1  # plateaus grouped by piece
+    start = 0
+    while start < len(order):
+        piece = pieces[py[order[start]], px[order[start]]]
+        stop = start
+        while stop < len(order) and pieces[py[order[stop]], px[order[stop]]] == piece:
+            stop += 1
+        for a in range(start, stop):
+            i = order[a]
+            for b in range(a + 1, stop):
+                j = order[b]
+                low = min(dist[py[i], px[i]], dist[py[j], px[j]])
+                steps = max(abs(py[j] - py[i]), abs(px[j] - px[i]))
+                neck = False
+                for k in range(1, steps):
+                    y = py[i] + (py[j] - py[i]) * k / steps
+                    x = px[i] + (px[j] - px[i]) * k / steps
+                    yy, xx = int(y + 0.5), int(x + 0.5)
+                    if pieces[yy, xx] != piece or dist[yy, xx] < low - tolerance:
+                        neck = True
+                        break
+                if not neck:
+                    ri, rj = i, j
+                    while parent[ri] != ri:
+                        ri = parent[ri]
+                    while parent[rj] != rj:
+                        rj = parent[rj]
+                    if ri != rj:
+                        parent[max(ri, rj)] = min(ri, rj)
+        start = stop
+    new = np.zeros(n_plateaus, np.int32)
+    k = 0
+    for q in range(1, n_plateaus):
+        r = q
+        while parent[r] != r:
+            r = parent[r]
+        if r == q:
+            k += 1
+            new[q] = k
+    for q in range(1, n_plateaus):
+        r = q
+        while parent[r] != r:
+            r = parent[r]
+        new[q] = new[r]
+    out = np.zeros((height, width), np.int32)
+    for y in range(height):
+        for x in range(width):
+            out[y, x] = new[plateaus[y, x]]
+    return out, k + 1
+
+
 SPLIT_BRUTE_FORCE_BUDGET = 1 << 20
 
 

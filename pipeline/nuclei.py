@@ -34,12 +34,26 @@ from scipy import ndimage
 
 from config.errors import ConfigError
 from config.settings import IntensitySettings, NucleiSettings
-from pipeline import kernels, qupath
+from pipeline import kernels, qupath, watershed
 from pipeline.stains import Background, StainMatrix
 from pipeline.torchscript import load_model, model_input, run_model
 
 #: Split by shape: distance-transform peaks closer than this are one nucleus.
 SPLIT_RADIUS_UM = 3.0
+
+#: Nuclei are trimmed at half their peak in the detection image smoothed by this σ (µm): fine
+#: enough to keep a thin stromal nucleus thin (its DAB mean undiluted; σ = 1.5 µm lowered
+#: class accuracy on synthetic stroma from 0.996 to 0.969), coarse enough not to cut a
+#: textured real nucleus into fragments (σ = 0.5 µm found 89 % of QuPath's nuclei on OS-2
+#: instead of 91 %, 0.86 of their area instead of 0.93).
+TRIM_SIGMA_UM = 0.75
+
+#: Split by shape: two peaks are two nuclei only if the distance map dips more than this many
+#: pixels below the lower one on the way between them (ImageJ's EDM watershed uses 0.5).
+SPLIT_NECK_PX = 0.5
+
+#: The 3×3 Laplacian, negated: positive where the image is curved down (inside a blob).
+_LAPLACIAN = np.array([[0, -1, 0], [-1, 4, -1], [0, -1, 0]], np.float32)
 
 #: Background estimation quantises OD to steps of 1 / this (up to OD 16).
 _BACKGROUND_STEPS = 4000.0
@@ -114,8 +128,9 @@ def raw_detection_image(
 def detection_image(
     h_od: np.ndarray, dab_od: np.ndarray, od_sum: np.ndarray, settings: NucleiSettings, mpp: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Steps 1–3: the smoothed image the threshold is applied to, and a finely
-    smoothed one (σ = 0.5 µm) that trims each nucleus to its own pixels."""
+    """Steps 1–3: the smoothed image the threshold is applied to, and a finer one (σ =
+    :data:`TRIM_SIGMA_UM`) that trims each nucleus to its own pixels; both 0 where the
+    background exceeds *Max background intensity*."""
     det = raw_detection_image(h_od, dab_od, od_sum, settings)
     if settings.median_radius_um > 0:
         det = ndimage.median_filter(det, footprint=_disk(settings.median_radius_um / mpp))
@@ -129,7 +144,7 @@ def detection_image(
         background *= np.float32(1.0 / _BACKGROUND_STEPS)
         det = det - background
         valid = background <= settings.max_background
-    fine = _gaussian(det, 0.5 / mpp)
+    fine = _gaussian(det, TRIM_SIGMA_UM / mpp)
     det = _gaussian(det, settings.sigma_um / mpp)
     if valid is not None and not valid.all():
         det = np.where(valid, det, np.float32(0))
@@ -137,19 +152,35 @@ def detection_image(
     return det, fine
 
 
-def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: np.ndarray | None = None) -> np.ndarray:
-    """Steps 3–5: threshold, split by shape, area filter → nucleus labels (0 = none).
+def segment_nuclei(
+    det: np.ndarray, settings: NucleiSettings, mpp: float, fine: np.ndarray | None = None, blobs: bool = True
+) -> np.ndarray:
+    """Steps 3–5: threshold, split by shape, trim, area filter → nucleus labels (0 = none).
 
-    Objects and split points come from ``det``; when ``fine`` is given, each
-    nucleus keeps only its pixels where ``fine`` reaches both the threshold
-    and half the nucleus' own peak, so the smoothing sigma does not bloat
-    nuclei into their cytoplasm.
+    Foreground is where ``det`` exceeds the threshold and, with ``blobs`` (the
+    classical detection image), where ``det`` is curved down (its 3×3 Laplacian
+    is negative: a Laplacian of Gaussian above zero, as in QuPath's detector).
+    The curvature cuts the low bridges that join neighbouring nuclei into one
+    piece larger than any nucleus — on the real OS-2 Ki-67 crop the threshold
+    alone found 64 % of the nuclei QuPath's own method finds there, with the cut
+    91 % — and the holes it leaves inside textured nuclei are filled. Touching
+    nuclei are split at distance-map peaks that a neck separates
+    (:func:`pipeline.kernels.merge_neckless_peaks`). With ``fine``, each
+    nucleus then keeps its pixels at or above half its own peak in ``fine``
+    (a blurred step's true edge is where it falls to half its height), so the
+    smoothing does not bloat nuclei into their cytoplasm. A model's
+    probability image (``blobs`` False, no ``fine``) is thresholded as it is.
     """
     fg = np.ascontiguousarray(det > settings.threshold)
+    if blobs:
+        fg &= cv2.filter2D(det, -1, _LAPLACIAN, borderType=cv2.BORDER_REPLICATE) > 0
     if not fg.any():
         return np.zeros(det.shape, np.int32)
+    n_pieces, pieces = cv2.connectedComponents(fg.view(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    if blobs:
+        pieces = watershed.fill_holes(pieces)
+        fg = pieces > 0
     fg8 = fg.view(np.uint8)
-    n_pieces, pieces = cv2.connectedComponents(fg8, connectivity=4, ltype=cv2.CV_32S)
     labels, n_labels = pieces, n_pieces
     if settings.split_by_shape:
         dist = _gaussian(cv2.distanceTransform(fg8, cv2.DIST_L2, 5), 1.0)
@@ -159,10 +190,10 @@ def segment_nuclei(det: np.ndarray, settings: NucleiSettings, mpp: float, fine: 
         found = (dist == cv2.dilate(dist, _square(size))) & fg & (dist > 1.0)
         n_plateaus, plateaus = cv2.connectedComponents(found.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
         if n_plateaus > 2:
+            plateaus, n_plateaus = kernels.merge_neckless_peaks(pieces, plateaus, n_plateaus, dist, SPLIT_NECK_PX)
+        if n_plateaus > 2:
             labels = kernels.split_at_peaks(pieces, n_pieces, plateaus, n_plateaus, kernels.SPLIT_BRUTE_FORCE_BUDGET)
             n_labels = n_pieces + n_plateaus
-    # Trimming keeps a nucleus' pixels at or above half its peak in ``fine``:
-    # a blurred step's true edge is where it falls to half its height.
     return kernels.trim_and_filter(
         labels,
         n_labels,
@@ -376,7 +407,7 @@ def detect_cells(
     h_od, dab_od = np.ascontiguousarray(h_od), np.ascontiguousarray(dab_od)
     if nucleus_probability is not None:
         nuclei = segment_nuclei(
-            nucleus_probability, settings.model_copy(update={"threshold": settings.model_threshold}), mpp
+            nucleus_probability, settings.model_copy(update={"threshold": settings.model_threshold}), mpp, blobs=False
         )
     elif settings.method == "qupath":
         raw = raw_detection_image(h_od, dab_od, od_sum, settings)

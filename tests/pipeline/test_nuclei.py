@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from adapter.synth import SynthOutput
@@ -40,17 +41,62 @@ def test_split_by_shape_separates_touching_nuclei() -> None:
     img[_disc(img.shape, 30, 28, 10)] = 0.6
     img[_disc(img.shape, 30, 46, 10)] = 0.6
     s = NucleiSettings()
-    split = segment_nuclei(img, s, 0.5)
+    split = segment_nuclei(img, s, 0.5, blobs=False)
     assert split.max() == 2
-    merged = segment_nuclei(img, s.model_copy(update={"split_by_shape": False}), 0.5)
+    merged = segment_nuclei(img, s.model_copy(update={"split_by_shape": False}), 0.5, blobs=False)
     assert merged.max() == 1
+
+
+def _smoothed(img: np.ndarray, sigma_px: float = 3.0) -> np.ndarray:
+    return np.asarray(ndimage.gaussian_filter(img, sigma_px), np.float32)
+
+
+def test_curvature_cuts_the_bridge_between_two_nuclei() -> None:
+    """Two nuclei 1 µm apart, blurred (σ 1.5 µm) into one piece above the threshold (0.49 OD at the
+    junction): one piece to a per-pixel threshold, two where the image is curved down."""
+    img = np.zeros((60, 100), np.float32)
+    img[_disc(img.shape, 30, 30, 10)] = 0.8
+    img[_disc(img.shape, 30, 52, 10)] = 0.8
+    det = _smoothed(img)
+    s = NucleiSettings(split_by_shape=False, max_area_um2=1000)
+    assert det[30, 41] > 0.4
+    assert segment_nuclei(det, s, 0.5, blobs=False).max() == 1
+    cut = segment_nuclei(det, s, 0.5)
+    assert cut.max() == 2 and cut[30, 30] != cut[30, 52] and cut[30, 30] > 0 and cut[30, 52] > 0
+
+
+def test_a_textured_nucleus_stays_whole() -> None:
+    """Dark chromatin spots inside a nucleus make the curvature negative between them; those holes
+    are filled, so the nucleus is one piece with no hole."""
+    rng = np.random.default_rng(2)
+    img = np.zeros((80, 80), np.float32)
+    disc = _disc(img.shape, 40, 40, 14)
+    img[disc] = 0.5
+    spots = rng.random(img.shape) < 0.05
+    img[disc & spots] = 1.2
+    det = _smoothed(img)
+    labels = segment_nuclei(det, NucleiSettings(), 0.5)
+    assert labels.max() == 1
+    assert not ndimage.binary_fill_holes(labels > 0)[labels == 0].any()
+
+
+def test_an_elongated_nucleus_with_two_bumps_is_not_split() -> None:
+    """Its distance map has two maxima along the ridge but no neck between them: one nucleus.
+    A real neck (a waist) splits it."""
+    yy, xx = np.indices((60, 120))
+    rod = ((yy - 30) / 6.0) ** 2 + ((xx - 60) / 40.0) ** 2 <= 1.0
+    bumps = rod | _disc(rod.shape, 30, 40, 7) | _disc(rod.shape, 30, 80, 7)
+    s = NucleiSettings(max_area_um2=1000)
+    assert segment_nuclei(_smoothed(bumps.astype(np.float32) * 0.6, 1.0), s, 0.5).max() == 1
+    waist = _disc(rod.shape, 30, 40, 12) | _disc(rod.shape, 30, 80, 12) | (rod & (np.abs(yy - 30) <= 3))
+    assert segment_nuclei(_smoothed(waist.astype(np.float32) * 0.6, 1.0), s, 0.5).max() == 2
 
 
 def test_area_filter_in_square_micrometres() -> None:
     img = np.zeros((80, 80), np.float32)
     img[_disc(img.shape, 20, 20, 2)] = 0.6  # ~13 px = 3 µm² at 0.5 µm/px: too small
     img[_disc(img.shape, 50, 50, 8)] = 0.6  # ~200 px = 50 µm²
-    labels = segment_nuclei(img, NucleiSettings(min_area_um2=10), 0.5)
+    labels = segment_nuclei(img, NucleiSettings(min_area_um2=10), 0.5, blobs=False)
     assert labels.max() == 1 and labels[50, 50] == 1 and labels[20, 20] == 0
 
 
