@@ -50,15 +50,39 @@ TOTAL_CELLS = _private("N-CELLS", "Cell count")
 CELLULARITY = _private("CELLULARITY", "Cells per area")
 TUMOUR_FRACTION = _private("TUMOUR-FRACTION", "Tumour area fraction of tissue")
 TISSUE_AREA = _private("TISSUE-AREA", "Tissue area")
-KI67_INDEX = _private("KI67-INDEX", "Ki-67 proliferation index")
+#: LOINC codes (scheme LN) where LOINC has the concept: the Ki-67 index, ER and PR percentages of
+#: stained cells, the receptor and HER2 interpretations. PD-L1 has only clone-specific LOINC codes
+#: (22C3, 28-8, SP142 …) and the clone is not known here, so its TPS keeps the private code.
+KI67_INDEX = CodedConcept("29593-1", "LN", "Cells.Ki-67 nuclear Ag/cells in Tissue by Immune stain")
+RECEPTOR_PERCENT = {
+    "er": CodedConcept("14228-1", "LN", "Cells.estrogen receptor/cells in Tissue by Immune stain"),
+    "pr": CodedConcept("14230-7", "LN", "Cells.progesterone receptor/cells in Tissue by Immune stain"),
+}
+RECEPTOR_INTERPRETATION = {
+    "er": CodedConcept("16112-5", "LN", "Estrogen receptor [Interpretation] in Tissue"),
+    "pr": CodedConcept("16113-3", "LN", "Progesterone receptor [Interpretation] in Tissue"),
+}
+#: Receptor status values: SNOMED CT where it has them.
+RECEPTOR_VALUES = {
+    "positive": CodedConcept("10828004", "SCT", "Positive"),
+    "negative": CodedConcept("260385009", "SCT", "Negative"),
+}
+#: The marker each profile's score is about (named in the algorithm parameters).
+MARKERS = {
+    "ki67": "Ki-67",
+    "er": "estrogen receptor",
+    "pr": "progesterone receptor",
+    "her2": "HER2",
+    "pdl1": "PD-L1",
+    "hscore": "unspecified",
+}
 ALLRED = {
     "proportion": _private("ALLRED-PS", "Allred proportion score"),
     "intensity": _private("ALLRED-IS", "Allred intensity score"),
     "total": _private("ALLRED-TS", "Allred total score"),
 }
 TPS = _private("PDL1-TPS", "PD-L1 tumour proportion score")
-RECEPTOR_STATUS = _private("RECEPTOR-STATUS", "Hormone receptor status")
-HER2_SCORE = _private("HER2-IHC", "HER2 IHC score")
+HER2_SCORE = CodedConcept("48676-1", "LN", "HER2 [Interpretation] in Tissue")
 #: Concept name of every alert: one qualitative evaluation per alert, its code the value.
 ALERT = _private("ALERT", "Automated analysis alert")
 ALERT_VALUES = {code: _private(code.value.replace("_", "-"), code.meaning) for code in AlertCode}
@@ -89,6 +113,15 @@ def compartment_measurements(stats: dict[str, Any]) -> list[hd.sr.Measurement]:
     return [m for m in items if m is not None]
 
 
+def her2_value(category: str, zero_subtype: str | None = None) -> CodedConcept:
+    """The HER2 IHC category as a private code of at most 16 characters (a Code Value):
+    HER2-0-NULL, HER2-0-ULTRALOW, HER2-1+, HER2-2+, HER2-3+."""
+    if category == "0":
+        subtype = zero_subtype or "null"
+        return _private(f"HER2-0-{subtype.upper()}", f"HER2 0 ({subtype})")
+    return _private(f"HER2-{category}", f"HER2 {category}")
+
+
 def _text_value(meaning: str) -> CodedConcept:
     return _private(meaning.upper().replace(" ", "-"), meaning)
 
@@ -103,16 +136,22 @@ def slide_level_content(result: SlideResult) -> tuple[list[hd.sr.Measurement], l
         _m(KI67_INDEX, scores.get("ki67_index_percent"), PERCENT),
         _m(TPS, scores.get("tps_percent"), PERCENT),
     ]
+    kind = result.settings.scores.kind
+    if kind in RECEPTOR_PERCENT:
+        measurements.append(_m(RECEPTOR_PERCENT[kind], scores.get("positive_percent"), PERCENT))
     for key, concept in ALLRED.items():
         if "allred" in scores:
             measurements.append(_m(concept, scores["allred"][key], ONE))
     evaluations = []
-    if scores.get("category"):
-        evaluations.append(hd.sr.QualitativeEvaluation(RECEPTOR_STATUS, _text_value(scores["category"])))
+    if scores.get("category") and kind in RECEPTOR_INTERPRETATION:
+        category = scores["category"]
+        value = RECEPTOR_VALUES.get(category, _text_value(category))
+        evaluations.append(hd.sr.QualitativeEvaluation(RECEPTOR_INTERPRETATION[kind], value))
     her2 = scores.get("her2") or {}
     if her2.get("category"):
-        label = her2["category"] if her2["category"] != "0" else f"0 ({her2['zero_subtype']})"
-        evaluations.append(hd.sr.QualitativeEvaluation(HER2_SCORE, _private(f"HER2-{label}", f"HER2 {label}")))
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(HER2_SCORE, her2_value(her2["category"], her2.get("zero_subtype")))
+        )
     for alert in result.alerts:
         evaluations.append(hd.sr.QualitativeEvaluation(ALERT, ALERT_VALUES[AlertCode(alert["code"])]))
     return [m for m in measurements if m is not None], evaluations
@@ -141,8 +180,39 @@ def observation_context(volume: pydicom.Dataset) -> hd.sr.ObservationContext:
     return hd.sr.ObservationContext(observer_device_context=device, subject_context=subject)
 
 
-def algorithm() -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=SOFTWARE_NAME, version=software_version())
+def algorithm(result: SlideResult) -> hd.sr.AlgorithmIdentification:
+    """This software, with its parameters for ``result`` (TID 4019 Algorithm Parameters)."""
+    return hd.sr.AlgorithmIdentification(
+        name=SOFTWARE_NAME, version=software_version(), parameters=algorithm_parameters(result)
+    )
+
+
+def algorithm_parameters(result: SlideResult) -> list[str]:
+    """The profile, the marker and every setting that decides a cell's class and the clinical
+    call, as ``key=value`` texts."""
+    s = result.settings
+    n, i, c = s.nuclei, s.intensity, s.scores
+    params = [
+        f"profile={s.profile}",
+        f"marker={MARKERS[c.kind]}",
+        f"nuclei.method={n.method}",
+        f"nuclei.detection_image={n.detection_image}",
+        f"nuclei.threshold={result.detection.get('threshold', n.threshold)}",
+        f"nuclei.requested_pixel_size_um={n.requested_pixel_size_um}",
+        f"intensity.compartment={i.compartment}",
+        f"intensity.statistic={i.statistic}",
+        "intensity.thresholds=" + "/".join(f"{t:g}" for t in i.thresholds),
+        f"segmentation.method={s.segmentation.method}",
+        f"scores.low_tumour_fraction={c.low_tumour_fraction:g}",
+    ]
+    if i.single_threshold is not None:
+        params.append(f"intensity.single_threshold={i.single_threshold:g}")
+    if c.kind == "ki67":
+        params.append(f"scores.ki67_cutoff_percent={c.ki67_cutoff_percent:g}")
+    if c.kind == "her2":
+        params.append(f"scores.her2_complete_fraction={c.her2_complete_fraction:g}")
+        params.append(f"scores.her2_noise_floor_percent={c.her2_noise_floor_percent:g}")
+    return params
 
 
 def build_measurement_report(
@@ -168,7 +238,7 @@ def build_measurement_report(
                 ),
                 finding_type=spec.property_type,
                 finding_category=spec.category,
-                algorithm_id=algorithm(),
+                algorithm_id=algorithm(result),
                 measurements=compartment_measurements(stats),
             )
         )
@@ -178,7 +248,7 @@ def build_measurement_report(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="slide"),
             finding_type=CodedConcept("85756007", "SCT", "Tissue"),
-            algorithm_id=algorithm(),
+            algorithm_id=algorithm(result),
             measurements=measurements,
             qualitative_evaluations=evaluations or None,
         )
@@ -326,7 +396,7 @@ def build_viewer_report(
                 ),
                 finding_type=SEGMENTS[0].property_type,
                 finding_category=SEGMENTS[0].category,
-                algorithm_id=algorithm(),
+                algorithm_id=algorithm(result),
                 measurements=region_measurements,
             )
         )

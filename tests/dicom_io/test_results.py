@@ -18,7 +18,7 @@ from config.settings import load_settings
 from dicom_io import open_slide
 from dicom_io.results import WrittenResults, write_results
 from dicom_io.seg import labels_on_level, read_headers
-from dicom_io.sr import ALERT, H_SCORE, POSITIVE_PERCENT, SCHEME, TOTAL_CELLS
+from dicom_io.sr import ALERT, H_SCORE, POSITIVE_PERCENT, SCHEME, TOTAL_CELLS, her2_value
 from pipeline.analysis import SlideResult, analyse
 from pipeline.scoring import AlertCode
 from tests.conftest import require_tool
@@ -291,3 +291,62 @@ def test_results_of_a_source_without_a_character_set_declare_utf8(small_slide: S
             assert run.returncode == 0 and "E:" not in run.stderr, (kind, run.stderr)
     kos = subprocess.run([dsrdump, str(written.dicom["ko"][0])], capture_output=True, text=True, timeout=60)
     assert "mm²" in kos.stdout or "mm2" in kos.stdout or "LITTLE_TISSUE" in kos.stdout
+
+
+def _slide_group(path: Path) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    sr = hd.sr.srread(path)
+    return next(g for g in sr.content.get_image_measurement_groups() if str(g.tracking_identifier) == "slide")
+
+
+def test_the_ki67_index_is_coded_in_loinc_and_the_parameters_are_recorded(
+    dicom_results: tuple[SlideResult, WrittenResults],
+) -> None:
+    result, written = dicom_results
+    slide = _slide_group(written.dicom["sr"][0])
+    ki67 = slide.get_measurements(name=hd.sr.CodedConcept("29593-1", "LN", "x"))
+    assert len(ki67) == 1 and ki67[0].value == pytest.approx(result.scores["ki67_index_percent"])
+    assert ki67[0].name.meaning == "Cells.Ki-67 nuclear Ag/cells in Tissue by Immune stain"
+    # TID 4019 Algorithm Parameters: the profile, the marker and the settings behind the call.
+    parameters = [
+        item.TextValue
+        for item in slide[0].ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "111002"  # DCM Algorithm Parameters
+    ]
+    assert "profile=ki67" in parameters and "marker=Ki-67" in parameters
+    assert f"nuclei.threshold={result.detection['threshold']}" in parameters
+    assert "scores.ki67_cutoff_percent=20" in parameters
+
+
+@pytest.mark.parametrize(
+    ("profile", "percent_code", "interpretation_code"),
+    [("er", "14228-1", "16112-5"), ("pr", "14230-7", "16113-3"), ("her2", None, "48676-1")],
+)
+def test_receptor_and_her2_calls_are_coded(
+    small_slide: SynthOutput, tmp_path: Path, profile: str, percent_code: str | None, interpretation_code: str
+) -> None:
+    assert small_slide.dicom_dir
+    with open_slide(small_slide.dicom_dir) as slide:
+        result = analyse(slide, load_settings(profile, ["tiling.workers=1"]))
+        written = write_results(result, slide, tmp_path)
+    slide_group = _slide_group(written.dicom["sr"][0])
+    if percent_code:
+        (percent,) = slide_group.get_measurements(name=hd.sr.CodedConcept(percent_code, "LN", "x"))
+        assert percent.value == pytest.approx(result.scores["positive_percent"])
+    (call,) = slide_group.get_qualitative_evaluations(name=hd.sr.CodedConcept(interpretation_code, "LN", "x"))
+    if profile == "her2":
+        category = result.scores["her2"]["category"]
+        assert call.value.value.startswith(f"HER2-{category}") and len(call.value.value) <= 16
+    else:
+        expected = {"positive": "10828004", "negative": "260385009"}.get(result.scores["category"])
+        assert call.value.value == (expected or result.scores["category"].upper().replace(" ", "-"))
+    for path in written.dicom["sr"]:
+        require_tool("dciodvfy")
+        out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True).stderr
+        errors = [line for line in out.splitlines() if line.startswith("Error") and line not in KNOWN_FALSE_POSITIVES]
+        assert not errors, errors
+
+
+def test_her2_values_fit_a_code_value() -> None:
+    values = [her2_value("0", "null"), her2_value("0", "ultralow"), *(her2_value(c) for c in ("1+", "2+", "3+"))]
+    assert [v.value for v in values] == ["HER2-0-NULL", "HER2-0-ULTRALOW", "HER2-1+", "HER2-2+", "HER2-3+"]
+    assert all(len(v.value) <= 16 for v in values)
