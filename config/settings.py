@@ -12,6 +12,7 @@ lab can carry a protocol over; their QuPath names are given per field.
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -269,11 +270,28 @@ class OutputSettings(_Frozen):
 
     heatmap: bool = Field(False, description="also write a Parametric Map of local H-score")
     heatmap_um: float = Field(128.0, gt=0, description="block size of the heatmap (µm)")
+    device_uid: str | None = Field(
+        None,
+        description="Device Observer UID of this installation in every SR and KOS (set it once per "
+        "installation, e.g. from a UID root your organisation owns); unset: a UID derived from the host "
+        "name, stable on one machine but not across containers",
+    )
     content_qualification: Literal["PRODUCT", "RESEARCH", "SERVICE"] = Field(
         "PRODUCT",
         description="Content Qualification of the Parametric Map: PRODUCT for clinical use (the SR stays "
         "UNVERIFIED until a pathologist signs it), RESEARCH where results serve research only",
     )
+
+    @field_validator("device_uid")
+    @classmethod
+    def _uid(cls, v: str | None) -> str | None:
+        if v is not None and not _UID.fullmatch(v):
+            raise ValueError(f"device_uid {v!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+        return v
+
+
+#: A DICOM UID: components of digits without leading zeros, separated by dots, at most 64 characters.
+_UID = re.compile(r"(?=.{1,64}$)(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
 class Settings(_Frozen):

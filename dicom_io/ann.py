@@ -13,8 +13,8 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+from config.product import SOFTWARE_NAME, software_version
 from dicom_io.seg import SEGMENTS, level_mpp
-from dicom_io.sm_image import SOFTWARE_NAME, software_version
 from dicom_io.sr import SCHEME, declare_private_scheme
 from pipeline.analysis import SlideResult
 from pipeline.nuclei import intensity_value
@@ -78,5 +78,6 @@ def build_annotations(
         content_label="CELLS",
         content_description=f"{result.profile} cells by compartment and class",
     )
+    ann.SeriesDescription = f"{result.profile} cells by compartment and class (automated)"[:64]
     declare_private_scheme(ann)
     return ann

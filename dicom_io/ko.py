@@ -10,7 +10,7 @@ import highdicom as hd
 import pydicom
 from pydicom.sr.codedict import codes
 
-from dicom_io.sm_image import SOFTWARE_NAME, software_version
+from config.product import SOFTWARE_NAME, device_uid, software_version
 from pipeline.analysis import SlideResult
 
 
@@ -23,7 +23,7 @@ def build_review_flag(
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name=f"{SOFTWARE_NAME} {software_version()}"
+            uid=device_uid(result.settings.outputs.device_uid), name=f"{SOFTWARE_NAME} {software_version()}"
         ),
     )
     description = "; ".join(f"{a['code']}: {a['message']}" for a in result.alerts)

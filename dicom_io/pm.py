@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian
 
+from config.product import SOFTWARE_NAME, software_version
 from dicom_io.seg import choose_level, level_mpp
-from dicom_io.sm_image import SOFTWARE_NAME, software_version
 from dicom_io.sr import H_SCORE, declare_private_scheme
 from pipeline.analysis import SlideResult
 
@@ -85,6 +85,7 @@ def build_heatmap(
         # TILED_SPARSE: per-frame plane positions, which validators still require for PMs.
         dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
     )
+    pm.SeriesDescription = f"{result.profile} local H-score (automated)"[:64]
     # Stored 0 (no cells) outside the mapped range: a reader gets no real-world value there.
     pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].RealWorldValueFirstValueMapped = 1
     declare_private_scheme(pm)

@@ -99,7 +99,9 @@ def write_results(
     written = WrittenResults(json=out_dir / "result.json")
     if isinstance(slide, DicomWsiSlide):
         volumes = read_headers(slide.files)
-        segs = build_segmentations(result.compartments, volumes)
+        segs = build_segmentations(
+            result.compartments, volumes, series_description=f"{result.profile} tumour and stroma (automated)"
+        )
         written.dicom["seg"] = [save(seg, out_dir) for seg in segs]
         report = build_measurement_report(result, volumes, segs[0], previous=previous.get("sr", ()))
         written.dicom["sr"] = [save(report, out_dir)]

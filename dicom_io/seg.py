@@ -22,7 +22,7 @@ import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_io.sm_image import SOFTWARE_NAME, software_version
+from config.product import SOFTWARE_NAME, software_version
 from dicom_io.wsi_reader import WSI_SOP_CLASS
 from pipeline.segmentation import STROMA, TUMOUR, CompartmentMap
 
@@ -105,8 +105,18 @@ def build_segmentations(
     compartments: CompartmentMap,
     volumes: list[pydicom.Dataset],
     series_number: int = 100,
+    series_description: str = "Tumour and stroma (automated)",
 ) -> list[hd.seg.Segmentation]:
-    """A pyramid of SEG instances for the tumour and stroma segments."""
+    """A pyramid of SEG instances for the tumour and stroma segments (one series)."""
+    segs = _build_segmentations(compartments, volumes, series_number)
+    for seg in segs:
+        seg.SeriesDescription = series_description[:64]
+    return segs
+
+
+def _build_segmentations(
+    compartments: CompartmentMap, volumes: list[pydicom.Dataset], series_number: int
+) -> list[hd.seg.Segmentation]:
     start = choose_level(volumes, compartments.mpp)
     base = volumes[start]
     labels = labels_on_level(compartments, base)
@@ -130,6 +140,8 @@ def build_segmentations(
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor(*_lab(s.colour_lab)),
+            tracking_id=s.name,
+            tracking_uid=hd.UID(),
         )
         for i, s in enumerate(SEGMENTS)
     ]

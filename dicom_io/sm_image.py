@@ -45,6 +45,7 @@ from wsidicom.metadata import (
 from wsidicom.metadata.schema.dicom.wsi import WsiMetadataDicomSchema
 from wsidicom.source import Source
 
+from config.product import SOFTWARE_NAME, software_version
 from dicom_io.pyramid import EncodedLevel
 
 log = logging.getLogger(__name__)
@@ -52,19 +53,8 @@ log = logging.getLogger(__name__)
 #: The image's top-left corner at the slide coordinate origin, unrotated.
 _SLIDE_ORIGIN = ImageCoordinateSystem(origin=PointMm(0.0, 0.0), rotation=0.0)
 
+
 #: Software name written as the equipment and used in SR device observers.
-SOFTWARE_NAME = "ihc-adapter"
-
-
-def software_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ihc-adapter")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
 @dataclass(frozen=True)
 class SlideIdentity:
     """Patient, study, series and specimen identifiers written into a WSI."""

@@ -21,8 +21,8 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+from config.product import SOFTWARE_NAME, device_uid, software_version
 from dicom_io.seg import SEGMENTS, level_mpp
-from dicom_io.sm_image import SOFTWARE_NAME, software_version
 from pipeline.analysis import SlideResult
 from pipeline.scoring import AlertCode
 from pipeline.segmentation import TUMOUR
@@ -157,12 +157,12 @@ def slide_level_content(result: SlideResult) -> tuple[list[hd.sr.Measurement], l
     return [m for m in measurements if m is not None], evaluations
 
 
-def observation_context(volume: pydicom.Dataset) -> hd.sr.ObservationContext:
-    """Device observer (this software) and the slide's specimen as subject."""
-    device = hd.sr.ObserverContext(
+def observation_context(volume: pydicom.Dataset, device: str) -> hd.sr.ObservationContext:
+    """Device observer (this installation, UID ``device``) and the slide's specimen as subject."""
+    observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(),
+            uid=device,
             name=f"{SOFTWARE_NAME} {software_version()}",
             manufacturer_name=SOFTWARE_NAME,
             model_name=SOFTWARE_NAME,
@@ -177,7 +177,7 @@ def observation_context(volume: pydicom.Dataset) -> hd.sr.ObservationContext:
             container_identifier=str(volume.get("ContainerIdentifier", "")) or None,
         ),
     )
-    return hd.sr.ObservationContext(observer_device_context=device, subject_context=subject)
+    return hd.sr.ObservationContext(observer_device_context=observer, subject_context=subject)
 
 
 def algorithm(result: SlideResult) -> hd.sr.AlgorithmIdentification:
@@ -229,7 +229,7 @@ def build_measurement_report(
         stats = result.compartment_stats[spec.name]
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=spec.name),
+                tracking_identifier=segment_tracking(segmentation, number),
                 referenced_segment=hd.sr.ReferencedSegment(
                     sop_class_uid=segmentation.SOPClassUID,
                     sop_instance_uid=segmentation.SOPInstanceUID,
@@ -259,8 +259,16 @@ def build_measurement_report(
         [segmentation, volumes[0]],
         series_number,
         f"{result.profile} IHC measurements (unverified)",
+        device_uid(result.settings.outputs.device_uid),
         previous,
     )
+
+
+def segment_tracking(segmentation: pydicom.Dataset, number: int) -> hd.sr.TrackingIdentifier:
+    """The SR group's tracking identifier for segment ``number``: the segment's own Tracking ID and
+    Tracking UID, so a reader can pair them."""
+    item = segmentation.SegmentSequence[number - 1]
+    return hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=str(item.TrackingID))
 
 
 def _unverified_report(
@@ -269,12 +277,14 @@ def _unverified_report(
     evidence: list[pydicom.Dataset],
     series_number: int,
     description: str,
+    device: str,
     previous: Sequence[pydicom.Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 document, COMPLETE, PRELIMINARY and UNVERIFIED: it waits for a pathologist.
-    ``previous``: documents it replaces (Predecessor Documents Sequence)."""
+    ``device``: the installation's Device Observer UID; ``previous``: documents it replaces
+    (Predecessor Documents Sequence)."""
     report = hd.sr.MeasurementReport(
-        observation_context=observation_context(slide),
+        observation_context=observation_context(slide, device),
         procedure_reported=PROCEDURE,
         imaging_measurements=groups,
         title=codes.DCM.ImagingMeasurementReport,
@@ -401,7 +411,13 @@ def build_viewer_report(
             )
         )
     return _unverified_report(
-        groups, base, [base], series_number, f"{result.profile} tumour regions for viewers (unverified)", previous
+        groups,
+        base,
+        [base],
+        series_number,
+        f"{result.profile} tumour regions for viewers (unverified)",
+        device_uid(result.settings.outputs.device_uid),
+        previous,
     )
 
 

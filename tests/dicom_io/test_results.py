@@ -14,6 +14,8 @@ import tifffile
 from ome_types import from_xml
 
 from adapter.synth import SynthOutput
+from config.errors import ConfigError
+from config.product import device_uid
 from config.settings import load_settings
 from dicom_io import open_slide
 from dicom_io.results import WrittenResults, write_results
@@ -350,3 +352,37 @@ def test_her2_values_fit_a_code_value() -> None:
     values = [her2_value("0", "null"), her2_value("0", "ultralow"), *(her2_value(c) for c in ("1+", "2+", "3+"))]
     assert [v.value for v in values] == ["HER2-0-NULL", "HER2-0-ULTRALOW", "HER2-1+", "HER2-2+", "HER2-3+"]
     assert all(len(v.value) <= 16 for v in values)
+
+
+def test_one_device_uid_series_descriptions_and_segment_tracking(
+    dicom_results: tuple[SlideResult, WrittenResults], small_slide: SynthOutput, tmp_path: Path
+) -> None:
+    """Every SR and the KOS name the same Device Observer UID (the installation's, stable from run to
+    run and configurable); SEG, ANN and PM carry a Series Description; the SR's tumour and stroma
+    groups carry the SEG segments' own Tracking ID and UID."""
+    _, written = dicom_results
+
+    def observer_uid(path: Path) -> str:
+        ds = pydicom.dcmread(path)
+        items = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121012"]
+        return str(items[0].UID)  # DCM Device Observer UID
+
+    uids = {observer_uid(p) for key in ("sr", "viewer_sr", "ko") for p in written.dicom[key]}
+    assert uids == {device_uid()}
+    assert device_uid() == device_uid() and device_uid().startswith("2.25.")
+    for key in ("seg", "ann", "heatmap"):
+        for path in written.dicom[key]:
+            assert pydicom.dcmread(path, stop_before_pixels=True).SeriesDescription.startswith("ki67 ")
+    seg = pydicom.dcmread(written.dicom["seg"][0], stop_before_pixels=True)
+    segments = {str(s.TrackingID): str(s.TrackingUID) for s in seg.SegmentSequence}
+    sr = hd.sr.srread(written.dicom["sr"][0])
+    groups = {str(g.tracking_identifier): g.tracking_uid for g in sr.content.get_volumetric_roi_measurement_groups()}
+    assert groups == segments and set(groups) == {"tumour", "stroma"}
+    # A configured UID is used as it is; a malformed one is refused by name.
+    assert small_slide.dicom_dir
+    with open_slide(small_slide.dicom_dir) as slide:
+        configured = analyse(slide, load_settings("ki67", ["tiling.workers=1", 'outputs.device_uid="1.2.3.4.5"']))
+        again = write_results(configured, slide, tmp_path)
+    assert observer_uid(again.dicom["sr"][0]) == "1.2.3.4.5"
+    with pytest.raises(ConfigError, match=r"outputs\.device_uid.*not a DICOM UID"):
+        load_settings("ki67", ['outputs.device_uid="1.02.x"'])
