@@ -124,6 +124,21 @@ def test_annotations_round_trip(dicom_results: tuple[SlideResult, WrittenResults
     sel = (result.cells["compartment"] == 1) & (result.cells["intensity_class"] == 0)
     expected = np.stack([result.cells["x_um"][sel], result.cells["y_um"][sel]], 1) / 0.5
     assert np.allclose(points, expected, atol=1e-3)
+    # Each group: cell in its compartment, its class as a measurement, its own display colour.
+    colours = set()
+    raw = pydicom.dcmread(written.dicom["ann"][0])
+    for group in groups:
+        compartment, cls = group.label.split(" ")
+        k = ("negative", "1+", "2+", "3+").index(cls)
+        item = next(i for i in raw.AnnotationGroupSequence if i.AnnotationGroupLabel == group.label)
+        assert item.AnnotationPropertyTypeCodeSequence[0].CodeValue == "4421005"
+        structure = item.PrimaryAnatomicStructureSequence[0].CodeValue
+        assert structure == {"tumour": "108369006", "stroma": "21793004"}[compartment]
+        names, values, _ = group.get_measurements()
+        classes = values[:, [n.value for n in names].index("INTENSITY-CLASS")]
+        assert (classes == k).all()
+        colours.add(tuple(item.RecommendedDisplayCIELabValue))
+    assert len(colours) == len(groups)  # negative and 3+ cells never look alike
 
 
 def test_review_flag_points_at_the_report(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
