@@ -30,6 +30,27 @@ log = logging.getLogger(__name__)
 _DATE_FIELDS = {"patient_birth_date": dt.date.fromisoformat, "acquisition_datetime": dt.datetime.fromisoformat}
 
 
+def source_acquisition_datetime(slide: Slide) -> dt.datetime | None:
+    """When the source says it was scanned: OME ``AcquisitionDate``, or the Aperio ``Date``
+    (and ``Time``) fields; None when it does not say."""
+    meta = slide.metadata
+    if meta.get("acquisition_date"):
+        try:
+            return dt.datetime.fromisoformat(str(meta["acquisition_date"]))
+        except ValueError:
+            log.warning("%s: unreadable acquisition date %r", slide.path, meta["acquisition_date"])
+    aperio = meta.get("aperio") or {}
+    if aperio.get("Date"):
+        text = f"{aperio['Date']} {aperio.get('Time', '00:00:00')}"
+        for fmt in ("%m/%d/%y %H:%M:%S", "%m/%d/%Y %H:%M:%S", "%Y-%m-%d %H:%M:%S"):
+            try:
+                return dt.datetime.strptime(text, fmt)
+            except ValueError:
+                continue
+        log.warning("%s: unreadable Aperio date %r", slide.path, text)
+    return None
+
+
 def identity_from_sidecar(path: Path | None, slide: Slide) -> SlideIdentity:
     """Identifiers for the converted series, from a sidecar file when given."""
     values: dict[str, Any] = {
@@ -43,6 +64,12 @@ def identity_from_sidecar(path: Path | None, slide: Slide) -> SlideIdentity:
         "accession_number": "",
         "manufacturer": "unknown (converted by ihc-adapter)",
         "model_name": slide.format,
+        # Unknown for a converted slide: left out rather than the generator's placeholders.
+        "specimen_description": None,
+        "stains": (),
+        "acquisition_datetime": source_acquisition_datetime(slide),
+        "pyramid_description": f"converted from {slide.path.name}"[:64],
+        "icc_profile": slide.icc_profile,
     }
     if path is not None:
         try:

@@ -73,12 +73,16 @@ class SlideIdentity:
     series_number: int = 1
     container_identifier: str = "SYNTH-SLIDE-1"
     specimen_identifier: str = "SYNTH-SPECIMEN-1"
-    specimen_description: str = "Synthetic tumour tissue"
+    specimen_description: str | None = "Synthetic tumour tissue"
     stains: tuple[str, ...] = ("hematoxylin stain", "DAB")
     manufacturer: str = SOFTWARE_NAME
     model_name: str = "synthetic slide generator"
     device_serial_number: str = "0"
-    acquisition_datetime: dt.datetime = field(default_factory=lambda: dt.datetime(2026, 1, 1, 12, 0, 0))
+    acquisition_datetime: dt.datetime | None = field(default_factory=lambda: dt.datetime(2026, 1, 1, 12, 0, 0))
+    #: Description of the image pyramid (None: left out).
+    pyramid_description: str | None = "Synthetic IHC pyramid"
+    #: The source's ICC profile, carried into the optical path (None: wsidicom's sRGB).
+    icc_profile: bytes | None = None
 
     def to_metadata(self, mpp: float) -> WsiMetadata:
         spacing = SizeMm(mpp / 1000.0, mpp / 1000.0)
@@ -87,8 +91,8 @@ class SlideIdentity:
             study=Study(
                 uid=UID(self.study_instance_uid),
                 identifier=self.study_id,
-                date=self.acquisition_datetime.date(),
-                time=self.acquisition_datetime.time(),
+                date=self.acquisition_datetime.date() if self.acquisition_datetime else None,
+                time=self.acquisition_datetime.time() if self.acquisition_datetime else None,
                 accession_number=self.accession_number,
                 description=self.study_description,
             ),
@@ -111,7 +115,7 @@ class SlideIdentity:
             ),
             slide=Slide(
                 identifier=self.container_identifier,
-                stainings=[Staining(substances=", ".join(self.stains))],
+                stainings=[Staining(substances=", ".join(self.stains))] if self.stains else None,
                 samples=[
                     SlideSample(
                         identifier=self.specimen_identifier,
@@ -126,9 +130,11 @@ class SlideIdentity:
                     pixel_spacing=spacing,
                     image_coordinate_system=_SLIDE_ORIGIN,
                 ),
-                optical_paths=[OpticalPath(identifier="0", description="Bright-field")],
+                optical_paths=[
+                    OpticalPath(identifier="0", description="Bright-field", icc_profile=self.icc_profile)
+                ],
                 uid=generate_uid(),
-                description="Synthetic IHC pyramid",
+                description=self.pyramid_description,
             ),
             label=Label(contains_phi=False),
             overview=None,

@@ -135,7 +135,7 @@ class TiffSlide(Slide):
         elif tif.is_svs:
             fields = parse_aperio_description(tif.pages.first.description)
             metadata = {
-                "aperio": {k: fields[k] for k in ("AppMag", "MPP", "ScanScope ID", "Date", "Filename") if k in fields}
+                "aperio": {k: fields[k] for k in ("AppMag", "MPP", "ScanScope ID", "Date", "Time", "Filename") if k in fields}
             }
             file_mpp = (float(fields["MPP"]),) * 2 if "MPP" in fields else None  # type: ignore[assignment]
             metadata["associated_images"] = [s.name for s in tif.series[1:] if s.name]

@@ -13,6 +13,7 @@ from adapter.synth import SynthOutput
 from config.errors import ConfigError
 from dicom_io import open_slide
 from dicom_io.convert import convert_to_dicom, identity_from_sidecar
+from tests.icc import gamma_profile
 
 
 def test_convert_with_sidecar_round_trip(small_slide: SynthOutput, tmp_path: Path) -> None:
@@ -123,3 +124,33 @@ def test_resampled_levels_say_so(small_slide: SynthOutput) -> None:
     assert list(levels[0].ImageType) == ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     for ds in levels[1:]:
         assert list(ds.ImageType) == ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+
+
+def test_a_converted_slide_carries_what_its_source_says_and_no_placeholders(tmp_path: Path) -> None:
+    """No generator defaults in a real slide's DICOM copy: no "Synthetic" text, no invented specimen
+    description or stains; the scan date from the Aperio header; the source's ICC profile."""
+    icc = gamma_profile(2.2)
+    img = _smooth_image(256, 256, 5)
+    src = tmp_path / "scan.svs"
+    description = (
+        "Aperio Image Library v12.0.0 \r\n256x256 JPEG/RGB Q=90|AppMag = 20|MPP = 0.5|Date = 12/29/09|Time = 09:59:15"
+    )
+    tifffile.imwrite(
+        src,
+        img,
+        tile=(256, 256),
+        compression="jpeg",
+        description=description,
+        extratags=[(34675, 7, len(icc), icc, True)],
+    )
+    with open_slide(src) as slide:
+        assert slide.format == "svs" and slide.icc_profile == icc
+        files = convert_to_dicom(slide, tmp_path / "dcm", identity_from_sidecar(None, slide))
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert "synthetic" not in str(ds).lower()
+        assert ds.AcquisitionDateTime.startswith("20091229095915")
+        assert "SpecimenShortDescription" not in ds.SpecimenDescriptionSequence[0]
+        written = bytes(ds.OpticalPathSequence[0].ICCProfile)
+        assert written[: len(icc)] == icc and len(written) - len(icc) <= 1  # OB values are padded to even
+    assert pydicom.dcmread(files[0], stop_before_pixels=True).PyramidDescription == "converted from scan.svs"
