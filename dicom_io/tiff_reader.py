@@ -134,9 +134,8 @@ class TiffSlide(Slide):
             metadata = _ome_metadata(path, xml)
         elif tif.is_svs:
             fields = parse_aperio_description(tif.pages.first.description)
-            metadata = {
-                "aperio": {k: fields[k] for k in ("AppMag", "MPP", "ScanScope ID", "Date", "Time", "Filename") if k in fields}
-            }
+            kept = ("AppMag", "MPP", "ScanScope ID", "Date", "Time", "Filename")
+            metadata = {"aperio": {k: fields[k] for k in kept if k in fields}}
             file_mpp = (float(fields["MPP"]),) * 2 if "MPP" in fields else None  # type: ignore[assignment]
             metadata["associated_images"] = [s.name for s in tif.series[1:] if s.name]
         else:
