@@ -130,9 +130,7 @@ class SlideIdentity:
                     pixel_spacing=spacing,
                     image_coordinate_system=_SLIDE_ORIGIN,
                 ),
-                optical_paths=[
-                    OpticalPath(identifier="0", description="Bright-field", icc_profile=self.icc_profile)
-                ],
+                optical_paths=[OpticalPath(identifier="0", description="Bright-field", icc_profile=self.icc_profile)],
                 uid=generate_uid(),
                 description=self.pyramid_description,
             ),
