@@ -5,7 +5,7 @@ streamed into one JPEG pyramid, and that pyramid is written as a DICOM WSI
 series, a pyramidal OME-TIFF and an SVS, next to the ground truth:
 
 ``truth/compartments.png``
-    compartment labels (0 background, 1 tumour, 2 stroma, 3 fat), one pixel
+    compartment labels (0 background, 1 tumour, 2 stroma, 4 fat: ``pipeline.labels.Compartment``), one pixel
     per ``truth_step_px`` level-0 pixels;
 ``truth/cells.npz``
     per-cell centroid (level-0 px), compartment, intensity class, DAB OD;
@@ -35,6 +35,7 @@ from PIL import Image
 from dicom_io.pyramid import PyramidBuilder
 from dicom_io.sm_image import SlideIdentity, write_sm_series
 from dicom_io.tiff_writer import write_ome_tiff, write_svs
+from pipeline.labels import Compartment
 from pipeline.synth import COMPARTMENT_NAMES, STROMA, TUMOUR, SlideModel, SynthSpec, render_tile
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def _bands(
 def expected_scores(cells: dict[str, np.ndarray], labels: np.ndarray, spec: SynthSpec, step_px: int) -> dict[str, Any]:
     """Ground-truth scores from the cell table and the compartment grid."""
     px_area_mm2 = (step_px * spec.mpp / 1000.0) ** 2
-    counts = np.bincount(labels.ravel(), minlength=4)
+    counts = np.bincount(labels.ravel(), minlength=len(Compartment))
     tissue_px = int(counts[TUMOUR] + counts[STROMA])
     compartments: dict[str, Any] = {}
     for name, sel in (
@@ -120,7 +121,7 @@ def expected_scores(cells: dict[str, np.ndarray], labels: np.ndarray, spec: Synt
         "compartments": compartments,
         "tumour_fraction": float(counts[TUMOUR] / tissue_px) if tissue_px else 0.0,
         "low_tumour": bool(tissue_px and counts[TUMOUR] / tissue_px < 0.10),
-        "fat_area_mm2": float(counts[3] * px_area_mm2),
+        "fat_area_mm2": float(counts[Compartment.FAT] * px_area_mm2),
     }
 
 

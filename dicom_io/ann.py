@@ -23,10 +23,11 @@ from config.product import SOFTWARE_NAME, software_version
 from dicom_io.seg import SEGMENTS, level_mpp
 from dicom_io.sr import SCHEME, declare_private_scheme
 from pipeline.analysis import SlideResult
+from pipeline.labels import INTENSITY_LABELS
 from pipeline.nuclei import intensity_value
 from pipeline.segmentation import TUMOUR
 
-CLASS_NAMES = ("negative", "1+", "2+", "3+")
+CLASS_NAMES = INTENSITY_LABELS
 ANATOMICAL_STRUCTURE = hd.sr.CodedConcept("91723000", "SCT", "Anatomical structure")
 CELL = hd.sr.CodedConcept("4421005", "SCT", "Cell")
 DAB_OD = hd.sr.CodedConcept("DAB-OD", SCHEME, "DAB optical density")

@@ -24,6 +24,7 @@ from pydicom.sr.codedict import codes
 from config.product import SOFTWARE_NAME, device_uid, software_version
 from dicom_io.seg import SEGMENTS, level_mpp
 from pipeline.analysis import SlideResult
+from pipeline.labels import INTENSITY_LABELS
 from pipeline.scoring import AlertCode
 from pipeline.segmentation import TUMOUR
 
@@ -45,7 +46,7 @@ H_SCORE = _private("H-SCORE", "H-score")
 PIXEL_H_SCORE = _private("PIXEL-H-SCORE", "Pixel H-score")
 POSITIVE_PERCENT = _private("POS-PCT", "Positive cells percentage")
 CLASS_PERCENT = {k: _private(f"PCT-{k}", f"Cells {k} percentage") for k in ("1+", "2+", "3+")}
-CELL_COUNT = {k: _private(f"N-{k.upper()}", f"{k} cell count") for k in ("negative", "1+", "2+", "3+")}
+CELL_COUNT = {k: _private(f"N-{k.upper()}", f"{k} cell count") for k in INTENSITY_LABELS}
 TOTAL_CELLS = _private("N-CELLS", "Cell count")
 CELLULARITY = _private("CELLULARITY", "Cells per area")
 TUMOUR_FRACTION = _private("TUMOUR-FRACTION", "Tumour area fraction of tissue")
@@ -106,7 +107,7 @@ def compartment_measurements(stats: dict[str, Any]) -> list[hd.sr.Measurement]:
         _m(POSITIVE_PERCENT, stats["positive_percent"], PERCENT),
         *(_m(CLASS_PERCENT[k], 100.0 * stats[k] / n if n else None, PERCENT) for k in ("1+", "2+", "3+")),
         _m(TOTAL_CELLS, n, CELLS),
-        *(_m(CELL_COUNT[k], stats[k], CELLS) for k in ("negative", "1+", "2+", "3+")),
+        *(_m(CELL_COUNT[k], stats[k], CELLS) for k in INTENSITY_LABELS),
         _m(AREA, stats["area_mm2"], MM2),
         _m(CELLULARITY, stats.get("cells_per_mm2"), PER_MM2),
     ]

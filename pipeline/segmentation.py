@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from config.errors import ConfigError
 from config.settings import SegmentationSettings, StainSettings
+from pipeline.labels import Compartment
 from pipeline.slide import Slide
 from pipeline.stains import Background, StainMatrix
 from pipeline.tissue import TissueMask
@@ -45,8 +46,14 @@ from pipeline.torchscript import load_model, model_input, run_model
 
 log = logging.getLogger(__name__)
 
-TUMOUR, STROMA, FAT_BACKGROUND, OTHER = 1, 2, 0, 3
-CLASS_NAMES = {TUMOUR: "tumour", STROMA: "stroma", FAT_BACKGROUND: "fat_background", OTHER: "other"}
+TUMOUR, STROMA, FAT_BACKGROUND, OTHER = (
+    Compartment.TUMOUR,
+    Compartment.STROMA,
+    Compartment.BACKGROUND,
+    Compartment.OTHER,
+)
+#: The labels a compartment map holds, by name (``segmentation.model_classes`` names these).
+CLASS_NAMES = {c: c.label for c in (FAT_BACKGROUND, TUMOUR, STROMA, OTHER)}
 _NAME_TO_LABEL = {v: k for k, v in CLASS_NAMES.items()}
 
 

@@ -6,7 +6,8 @@ tumour fraction of tissue is exactly what was asked (on the truth grid);
 cells are placed block by block (128 µm) with a generator seeded by the block
 index, so any tile can be rendered alone and every cell has one owner.
 
-Compartment labels: 0 background (glass), 1 tumour, 2 stroma, 3 fat.
+Compartment labels (:class:`pipeline.labels.Compartment`): 0 background (glass), 1 tumour,
+2 stroma, 4 fat.
 Intensity classes: 0 negative, 1 = 1+, 2 = 2+, 3 = 3+, defined by the mean
 DAB optical density painted in the cell's stained compartment, cut at
 :data:`CLASS_CUTS` (the QuPath-style 0.2 / 0.4 / 0.6 thresholds).
@@ -23,7 +24,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import ndimage
 
-BACKGROUND, TUMOUR, STROMA, FAT = 0, 1, 2, 3
+from pipeline.labels import Compartment
+
+BACKGROUND, TUMOUR, STROMA, FAT = Compartment.BACKGROUND, Compartment.TUMOUR, Compartment.STROMA, Compartment.FAT
 COMPARTMENT_NAMES = {BACKGROUND: "background", TUMOUR: "tumour", STROMA: "stroma", FAT: "fat"}
 #: Mean DAB OD bands painted for negative, 1+, 2+, 3+ cells.
 CLASS_DAB_BANDS = ((0.0, 0.1), (0.25, 0.35), (0.45, 0.55), (0.7, 0.9))

@@ -7,6 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from adapter.synth import SynthOutput, expected_scores
+from pipeline.labels import Compartment
 from pipeline.stains import StainMatrix
 from pipeline.synth import STROMA, TUMOUR, SlideModel, SynthSpec, render_tile
 from pipeline.synth.model import value_noise
@@ -44,10 +45,11 @@ def test_value_noise_is_continuous_and_bounded() -> None:
 def test_tumour_fraction_is_calibrated(fraction: float) -> None:
     spec = SynthSpec(width=4096, height=4096, seed=1, tumour_fraction=fraction)
     labels = SlideModel(spec).truth_labels()
-    counts = np.bincount(labels.ravel(), minlength=4)
+    counts = np.bincount(labels.ravel(), minlength=len(Compartment))
     measured = counts[TUMOUR] / (counts[TUMOUR] + counts[STROMA])
     assert measured == pytest.approx(fraction, abs=0.01)
-    assert counts[3] / (counts[STROMA] + counts[3]) == pytest.approx(spec.fat_fraction, abs=0.01)
+    fat = counts[Compartment.FAT]
+    assert fat / (counts[STROMA] + fat) == pytest.approx(spec.fat_fraction, abs=0.01)
 
 
 def test_painted_dab_follows_intensity_class() -> None:

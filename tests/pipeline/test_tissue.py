@@ -6,6 +6,7 @@ from PIL import Image
 from adapter.synth import SynthOutput
 from config.settings import TissueSettings
 from dicom_io import open_slide
+from pipeline.labels import Compartment
 from pipeline.slide import TileGrid
 from pipeline.tissue import TissueMask, detect_tissue
 
@@ -26,7 +27,7 @@ def test_tissue_matches_truth_and_glass_is_estimated(accuracy_slides: dict[str, 
     iou = (tm.mask & tissue_truth).sum() / (tm.mask | tissue_truth).sum()
     assert iou > 0.9
     assert tm.glass_rgb is not None and np.allclose(tm.glass_rgb, 242, atol=3)
-    assert not tm.mask[t == 3].mean() > 0.2  # fat is not tissue
+    assert not tm.mask[t == Compartment.FAT].mean() > 0.2  # fat is not tissue
 
 
 def test_tile_fractions() -> None:
