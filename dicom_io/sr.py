@@ -25,7 +25,7 @@ from config.product import SOFTWARE_NAME, device_uid, software_version
 from dicom_io.seg import SEGMENTS, level_mpp
 from pipeline.analysis import SlideResult
 from pipeline.labels import INTENSITY_LABELS
-from pipeline.scoring import AlertCode
+from pipeline.scoring import AlertCode, CompartmentSummary
 from pipeline.segmentation import TUMOUR
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def _m(name: CodedConcept, value: float | None, unit: CodedConcept) -> hd.sr.Mea
     return None if value is None else hd.sr.Measurement(name=name, value=float(value), unit=unit)
 
 
-def compartment_measurements(stats: dict[str, Any]) -> list[hd.sr.Measurement]:
+def compartment_measurements(stats: CompartmentSummary) -> list[hd.sr.Measurement]:
     """H-score, % positive, % per class, counts, area and cellularity of one compartment."""
     n = stats["cells"]
     items = [
@@ -107,7 +107,7 @@ def compartment_measurements(stats: dict[str, Any]) -> list[hd.sr.Measurement]:
         _m(POSITIVE_PERCENT, stats["positive_percent"], PERCENT),
         *(_m(CLASS_PERCENT[k], 100.0 * stats[k] / n if n else None, PERCENT) for k in ("1+", "2+", "3+")),
         _m(TOTAL_CELLS, n, CELLS),
-        *(_m(CELL_COUNT[k], stats[k], CELLS) for k in INTENSITY_LABELS),
+        *(_m(CELL_COUNT[k], stats[k], CELLS) for k in INTENSITY_LABELS),  # type: ignore[literal-required]
         _m(AREA, stats["area_mm2"], MM2),
         _m(CELLULARITY, stats.get("cells_per_mm2"), PER_MM2),
     ]

@@ -43,6 +43,7 @@ from pipeline.nuclei import (
     intensity_class,
     intensity_value,
 )
+from pipeline.scoring import Alert, CompartmentSummary
 from pipeline.segmentation import (
     CLASS_NAMES,
     STROMA,
@@ -72,9 +73,9 @@ class SlideResult:
     compartments: CompartmentMap
     cells: dict[str, np.ndarray]
     tumour_fraction: float
-    compartment_stats: dict[str, dict[str, Any]]
+    compartment_stats: dict[str, CompartmentSummary]
     scores: dict[str, Any]
-    alerts: list[dict[str, str]]
+    alerts: list[Alert]
     stain: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     #: The nucleus threshold the tiles used and how it was chosen (:func:`adapt_threshold`).
@@ -465,7 +466,7 @@ def analyse(
     tissue_area = compartments.area_mm2(TUMOUR) + compartments.area_mm2(STROMA)
     tumour_area = compartments.area_mm2(TUMOUR)
     tumour_fraction = tumour_area / tissue_area if tissue_area > 0 else 0.0
-    stats: dict[str, dict[str, Any]] = {}
+    stats: dict[str, CompartmentSummary] = {}
     # Pixel classes were counted on the tissue-mask grid: read the map at those
     # cells' centres and total the classes per compartment label.
     step = max(1, round(tissue.mpp / compartments.mpp))

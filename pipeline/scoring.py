@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,31 @@ _ALERT_MEANINGS = {  # at most 64 characters: a DICOM Code Meaning
     AlertCode.LOW_POSITIVE: "ER or PR low positive (1-10 % of tumour cells)",
     AlertCode.HER2_EQUIVOCAL: "HER2 2+ (equivocal): reflex in-situ hybridisation",
 }
+
+
+class Alert(TypedDict):
+    """One alert of a result: its code (an :class:`AlertCode` value) and a message for people."""
+
+    code: str
+    message: str
+
+
+#: One compartment's summary in a result (``compartments.tumour`` … in the JSON).
+CompartmentSummary = TypedDict(
+    "CompartmentSummary",
+    {
+        "cells": int,
+        "negative": int,
+        "1+": int,
+        "2+": int,
+        "3+": int,
+        "h_score": float | None,
+        "positive_percent": float | None,
+        "area_mm2": float,
+        "cells_per_mm2": float | None,
+        "pixel_h_score": NotRequired[float | None],
+    },
+)
 
 
 #: Cell (or pixel) counts of negative, 1+, 2+, 3+.
@@ -126,10 +151,10 @@ def her2_category(membrane_class: np.ndarray, complete: np.ndarray, min_percent:
     return {"category": "0", "zero_subtype": "ultralow" if ultralow else "null", **detail}
 
 
-def compartment_summary(classes: np.ndarray, area_mm2: float, pixel_counts: Counts | None = None) -> dict[str, Any]:
+def compartment_summary(classes: np.ndarray, area_mm2: float, pixel_counts: Counts | None = None) -> CompartmentSummary:
     """Counts by class, cell and pixel H-score, % positive, area, cellularity."""
     counts = np.bincount(classes.astype(np.int64), minlength=4)[:4] if classes.size else np.zeros(4, int)
-    out: dict[str, Any] = {
+    out: CompartmentSummary = {
         "cells": int(counts.sum()),
         "negative": int(counts[0]),
         "1+": int(counts[1]),
@@ -180,9 +205,9 @@ def alerts(
     tissue_mm2: float,
     scores: dict[str, Any],
     settings: ScoreSettings,
-) -> list[dict[str, str]]:
+) -> list[Alert]:
     """Conditions a pathologist must look at before accepting the result."""
-    out: list[dict[str, str]] = []
+    out: list[Alert] = []
 
     def add(code: AlertCode, message: str) -> None:
         out.append({"code": code.value, "message": message})
