@@ -44,7 +44,12 @@ class StainSettings(_Frozen):
         description="convert pixels from the slide's ICC profile (where it has one) to sRGB before deconvolution; "
         "off by default: the default stain vectors were measured on unmanaged scanner RGB",
     )
-    estimate: bool = Field(False, description="estimate vectors per slide (Macenko) with fallback to defaults")
+    estimate: bool = Field(False, description="estimate vectors per slide (estimate_method), with fallback to defaults")
+    estimate_method: Literal["dominant", "macenko"] = Field(
+        "dominant",
+        description="'dominant': each vector from the pixels its stain dominates, refined from the defaults; "
+        "'macenko': Macenko's angle percentiles (lies beyond the true vectors: biased on the slides tried)",
+    )
     estimate_tiles: int = Field(16, ge=1, le=512, description="tissue tiles sampled for estimation")
     estimate_max_angle_deg: float = Field(
         25.0, gt=0, le=90, description="estimated vectors further than this from the defaults are rejected"

@@ -53,7 +53,14 @@ from pipeline.segmentation import (
     builtin_segmentation,
 )
 from pipeline.slide import Slide
-from pipeline.stains import Background, StainMatrix, estimate_macenko, rgb_to_od, stain_planes
+from pipeline.stains import (
+    Background,
+    StainMatrix,
+    estimate_dominant,
+    estimate_macenko,
+    rgb_to_od,
+    stain_planes,
+)
 from pipeline.tissue import TissueMask, detect_tissue
 
 log = logging.getLogger(__name__)
@@ -351,7 +358,8 @@ def _estimate_stains(settings: Settings, tiles: list[np.ndarray], background: Ba
     ods = [rgb_to_od(t, background).reshape(-1, 3) for t in tiles]
     if not ods:
         return ref, "no tissue tiles; kept default vectors"
-    return estimate_macenko(np.concatenate(ods), ref, max_angle_deg=settings.stain.estimate_max_angle_deg)
+    estimate = estimate_dominant if settings.stain.estimate_method == "dominant" else estimate_macenko
+    return estimate(np.concatenate(ods), ref, max_angle_deg=settings.stain.estimate_max_angle_deg)
 
 
 def analyse(
