@@ -186,9 +186,17 @@ def _summary(result: Any) -> str:
             f"  {name:<7} {st['cells']:>8} cells  neg {st['negative']:>7}  1+ {st['1+']:>7}  2+ {st['2+']:>7}"
             f"  3+ {st['3+']:>7}  H-score {hs:>6}  positive {pp:>6}  area {st['area_mm2']:.2f} mm²"
         )
+    intervals = result.uncertainty.intervals if result.uncertainty else {}
     for key, value in result.scores.items():
         if key not in ("h_score", "positive_percent"):
-            lines.append(f"  {key:<26} {json.dumps(value)}")
+            ci = f"  (95 % interval {intervals[key][0]:.1f}–{intervals[key][1]:.1f})" if key in intervals else ""
+            lines.append(f"  {key:<26} {json.dumps(value)}{ci}")
+    if "tumour.h_score" in intervals:
+        low, high = intervals["tumour.h_score"]
+        lines.append(f"  {'tumour H-score interval':<26} {low:.1f}–{high:.1f}")
+    if result.uncertainty and result.uncertainty.near_threshold_percent is not None:
+        near = result.uncertainty.near_threshold_percent
+        lines.append(f"  {'near a class threshold':<26} {near:.1f}% of tumour cells")
     if result.alerts:
         lines.append("  ALERTS (verify by a pathologist):")
         lines.extend(f"    {a['code']}: {a['message']}" for a in result.alerts)

@@ -270,6 +270,23 @@ class ScoreSettings(_Frozen):
     )
 
 
+class UncertaintySettings(_Frozen):
+    """Intervals of the slide-level scores (:mod:`pipeline.uncertainty`)."""
+
+    enabled: bool = Field(True, description="compute 95 % intervals and the UNCERTAIN_CATEGORY alert")
+    block_um: float = Field(
+        512.0,
+        gt=0,
+        description="side of the spatial blocks resampled by the bootstrap (cells in one block move together)",
+    )
+    resamples: int = Field(1000, ge=100, le=100_000, description="bootstrap resamples")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="coverage of the intervals")
+    margin_od: float = Field(
+        0.05, gt=0, description="cells whose DAB lies this close to a class threshold are reported as near it"
+    )
+    seed: int = Field(0, ge=0, description="random seed of the bootstrap (results are reproducible)")
+
+
 class OutputSettings(_Frozen):
     """Optional result objects."""
 
@@ -311,6 +328,7 @@ class Settings(_Frozen):
     intensity: IntensitySettings = IntensitySettings()
     segmentation: SegmentationSettings = SegmentationSettings()
     scores: ScoreSettings = ScoreSettings()
+    uncertainty: UncertaintySettings = UncertaintySettings()
     outputs: OutputSettings = OutputSettings()
 
     @model_validator(mode="after")

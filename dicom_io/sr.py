@@ -86,7 +86,14 @@ TPS = _private("PDL1-TPS", "PD-L1 tumour proportion score")
 HER2_SCORE = CodedConcept("48676-1", "LN", "HER2 [Interpretation] in Tissue")
 #: Concept name of every alert: one qualitative evaluation per alert, its code the value.
 ALERT = _private("ALERT", "Automated analysis alert")
-ALERT_VALUES = {code: _private(code.value.replace("_", "-"), code.meaning) for code in AlertCode}
+
+
+def alert_code_value(code: AlertCode) -> str:
+    """The alert's Code Value: its name with hyphens, shortened to the 16 characters SH allows."""
+    return {AlertCode.UNCERTAIN_CATEGORY: "UNCERTAIN-CAT"}.get(code, code.value.replace("_", "-"))
+
+
+ALERT_VALUES = {code: _private(alert_code_value(code), code.meaning) for code in AlertCode}
 PERCENT = CodedConcept("%", "UCUM", "percent")
 MM2 = CodedConcept("mm2", "UCUM", "square millimeter")
 PER_MM2 = CodedConcept("/mm2", "UCUM", "per square millimeter")
@@ -94,17 +101,38 @@ ONE = CodedConcept("1", "UCUM", "no units")
 CELLS = CodedConcept("{cells}", "UCUM", "cells")
 
 
-def _m(name: CodedConcept, value: float | None, unit: CodedConcept) -> hd.sr.Measurement | None:
-    return None if value is None else hd.sr.Measurement(name=name, value=float(value), unit=unit)
+Interval = tuple[float, float] | None
 
 
-def compartment_measurements(stats: CompartmentSummary) -> list[hd.sr.Measurement]:
-    """H-score, % positive, % per class, counts, area and cellularity of one compartment."""
+def _m(
+    name: CodedConcept, value: float | None, unit: CodedConcept, interval: Interval = None
+) -> hd.sr.Measurement | None:
+    """A measurement; with ``interval`` (low, high), its 95 % interval as TID 310 Measurement
+    Properties: Upper and Lower Measurement Uncertainty, the distances from the value to the
+    interval's ends (:mod:`pipeline.uncertainty`)."""
+    if value is None:
+        return None
+    properties = None
+    if interval is not None:
+        low, high = interval
+        properties = hd.sr.MeasurementProperties(
+            upper_measurement_uncertainty=max(0.0, high - float(value)),
+            lower_measurement_uncertainty=max(0.0, float(value) - low),
+        )
+    return hd.sr.Measurement(name=name, value=float(value), unit=unit, properties=properties)
+
+
+def compartment_measurements(
+    stats: CompartmentSummary, intervals: dict[str, tuple[float, float]] | None = None, name: str = ""
+) -> list[hd.sr.Measurement]:
+    """H-score, % positive, % per class, counts, area and cellularity of one compartment; the
+    H-score and % positive with their intervals where ``intervals`` has them (``name.h_score`` …)."""
     n = stats["cells"]
+    found = intervals or {}
     items = [
-        _m(H_SCORE, stats["h_score"], ONE),
+        _m(H_SCORE, stats["h_score"], ONE, found.get(f"{name}.h_score")),
         _m(PIXEL_H_SCORE, stats.get("pixel_h_score"), ONE),
-        _m(POSITIVE_PERCENT, stats["positive_percent"], PERCENT),
+        _m(POSITIVE_PERCENT, stats["positive_percent"], PERCENT, found.get(f"{name}.positive_percent")),
         *(_m(CLASS_PERCENT[k], 100.0 * stats[k] / n if n else None, PERCENT) for k in ("1+", "2+", "3+")),
         _m(TOTAL_CELLS, n, CELLS),
         *(_m(CELL_COUNT[k], stats[k], CELLS) for k in INTENSITY_LABELS),  # type: ignore[literal-required]
@@ -127,19 +155,26 @@ def _text_value(meaning: str) -> CodedConcept:
     return _private(meaning.upper().replace(" ", "-"), meaning)
 
 
+def _intervals(result: SlideResult) -> dict[str, tuple[float, float]]:
+    return result.uncertainty.intervals if result.uncertainty else {}
+
+
 def slide_level_content(result: SlideResult) -> tuple[list[hd.sr.Measurement], list[hd.sr.QualitativeEvaluation]]:
     """Tumour fraction, the profile's clinical score, and the alerts."""
     scores = result.scores
     tissue = result.compartment_stats["tissue"]
+    ci = _intervals(result)
     measurements = [
         _m(TUMOUR_FRACTION, 100.0 * result.tumour_fraction, PERCENT),
         _m(TISSUE_AREA, tissue["area_mm2"], MM2),
-        _m(KI67_INDEX, scores.get("ki67_index_percent"), PERCENT),
-        _m(TPS, scores.get("tps_percent"), PERCENT),
+        _m(KI67_INDEX, scores.get("ki67_index_percent"), PERCENT, ci.get("ki67_index_percent")),
+        _m(TPS, scores.get("tps_percent"), PERCENT, ci.get("tps_percent")),
     ]
     kind = result.settings.scores.kind
     if kind in RECEPTOR_PERCENT:
-        measurements.append(_m(RECEPTOR_PERCENT[kind], scores.get("positive_percent"), PERCENT))
+        measurements.append(
+            _m(RECEPTOR_PERCENT[kind], scores.get("positive_percent"), PERCENT, ci.get("positive_percent"))
+        )
     for key, concept in ALLRED.items():
         if "allred" in scores:
             measurements.append(_m(concept, scores["allred"][key], ONE))
@@ -240,11 +275,11 @@ def build_measurement_report(
                 finding_type=spec.property_type,
                 finding_category=spec.category,
                 algorithm_id=algorithm(result),
-                measurements=compartment_measurements(stats),
+                measurements=compartment_measurements(stats, _intervals(result), spec.name),
             )
         )
     measurements, evaluations = slide_level_content(result)
-    measurements.extend(compartment_measurements(result.compartment_stats["tissue"]))
+    measurements.extend(compartment_measurements(result.compartment_stats["tissue"], _intervals(result), "tissue"))
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="slide"),

@@ -62,6 +62,7 @@ from pipeline.stains import (
     stain_planes,
 )
 from pipeline.tissue import TissueMask, detect_tissue
+from pipeline.uncertainty import Uncertainty, score_intervals
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class SlideResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: The nucleus threshold the tiles used and how it was chosen (:func:`adapt_threshold`).
     detection: dict[str, Any] = field(default_factory=dict)
+    #: Intervals of the scores (:mod:`pipeline.uncertainty`); None when turned off.
+    uncertainty: Uncertainty | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +103,10 @@ class SlideResult:
             "segmentation": self.compartments.method,
             "stain": self.stain,
             "detection": self.detection,
+            "scores_ci": {k: [round(lo, 3), round(hi, 3)] for k, (lo, hi) in self.uncertainty.intervals.items()}
+            if self.uncertainty
+            else {},
+            "uncertainty": self.uncertainty.to_json() if self.uncertainty else None,
             "settings": self.settings.model_dump(mode="json"),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -502,6 +509,10 @@ def analyse(
         settings.scores,
     )
     alerts = scoring.alerts(settings.scores.kind, tumour_fraction, int(tum.sum()), tissue_area, scores, settings.scores)
+    uncertainty = None
+    if settings.uncertainty.enabled:
+        uncertainty = score_intervals(cells, intensity_value(cells, settings.intensity), scores, settings)
+        alerts.extend(uncertainty.alerts)
     timings["scoring"] = time.perf_counter() - t
     timings["tissue_mpx"] = tissue_mpx
     timings["tiles_mpx"] = tiles_mpx
@@ -528,6 +539,7 @@ def analyse(
         },
         timings=timings,
         detection=detection,
+        uncertainty=uncertainty,
     )
 
 

@@ -26,6 +26,7 @@ class AlertCode(StrEnum):
     NEAR_CUTOFF = "NEAR_CUTOFF"
     LOW_POSITIVE = "LOW_POSITIVE"
     HER2_EQUIVOCAL = "HER2_EQUIVOCAL"
+    UNCERTAIN_CATEGORY = "UNCERTAIN_CATEGORY"
 
     @property
     def meaning(self) -> str:
@@ -41,6 +42,7 @@ _ALERT_MEANINGS = {  # at most 64 characters: a DICOM Code Meaning
     AlertCode.NEAR_CUTOFF: "Score near a clinical cut-off of the profile",
     AlertCode.LOW_POSITIVE: "ER or PR low positive (1-10 % of tumour cells)",
     AlertCode.HER2_EQUIVOCAL: "HER2 2+ (equivocal): reflex in-situ hybridisation",
+    AlertCode.UNCERTAIN_CATEGORY: "95 % interval spans two clinical categories",
 }
 
 

@@ -13,6 +13,7 @@ import pytest
 import tifffile
 from ome_types import from_xml
 
+from adapter.cli import _summary
 from adapter.synth import SynthOutput
 from config.errors import ConfigError
 from config.product import device_uid
@@ -20,7 +21,7 @@ from config.settings import load_settings
 from dicom_io import open_slide
 from dicom_io.results import WrittenResults, write_results
 from dicom_io.seg import labels_on_level, read_headers
-from dicom_io.sr import ALERT, H_SCORE, POSITIVE_PERCENT, SCHEME, TOTAL_CELLS, her2_value
+from dicom_io.sr import ALERT, H_SCORE, POSITIVE_PERCENT, SCHEME, TOTAL_CELLS, alert_code_value, her2_value
 from pipeline.analysis import SlideResult, analyse
 from pipeline.scoring import AlertCode
 from tests.conftest import require_tool
@@ -241,7 +242,8 @@ def test_alerts_are_qualitative_evaluations_a_reader_gets_back(
     sr = hd.sr.srread(written.dicom["sr"][0])
     slide = next(g for g in sr.content.get_image_measurement_groups() if str(g.tracking_identifier) == "slide")
     alerts = slide.get_qualitative_evaluations(name=ALERT)
-    assert [e.value.value for e in alerts] == [a["code"].replace("_", "-") for a in result.alerts]
+    assert [e.value.value for e in alerts] == [alert_code_value(AlertCode(a["code"])) for a in result.alerts]
+    assert all(len(alert_code_value(code)) <= 16 for code in AlertCode)
     assert all(e.value.scheme_designator == SCHEME for e in alerts)
     assert [e.value.meaning for e in alerts] == [AlertCode(a["code"]).meaning for a in result.alerts]
     items = slide[0].ContentSequence
@@ -401,3 +403,20 @@ def test_one_device_uid_series_descriptions_and_segment_tracking(
     assert observer_uid(again.dicom["sr"][0]) == "1.2.3.4.5"
     with pytest.raises(ConfigError, match=r"outputs\.device_uid.*not a DICOM UID"):
         load_settings("ki67", ['outputs.device_uid="1.02.x"'])
+
+
+def test_intervals_in_the_json_the_sr_and_the_summary(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    """The Ki-67 index's 95 % interval: in the JSON (scores_ci), and in the SR as TID 310 Upper and
+    Lower Measurement Uncertainty (SCT 371886008 / 371885007), read back by pydicom."""
+    result, written = dicom_results
+    assert result.uncertainty is not None
+    low, high = result.uncertainty.intervals["ki67_index_percent"]
+    assert result.to_json()["scores_ci"]["ki67_index_percent"] == [round(low, 3), round(high, 3)]
+    value = result.scores["ki67_index_percent"]
+    group = _slide_group(written.dicom["sr"][0])
+    (ki67,) = group.get_measurements(name=hd.sr.CodedConcept("29593-1", "LN", "x"))
+    items = {i.ConceptNameCodeSequence[0].CodeValue: i for i in ki67[0].ContentSequence}
+    upper = float(items["371886008"].MeasuredValueSequence[0].NumericValue)
+    lower = float(items["371885007"].MeasuredValueSequence[0].NumericValue)
+    assert upper == pytest.approx(high - value, abs=1e-6) and lower == pytest.approx(value - low, abs=1e-6)
+    assert f"(95 % interval {low:.1f}–{high:.1f})" in _summary(result)
