@@ -34,6 +34,7 @@ from config.settings import load_settings
 from dicom_io import open_slide
 from pipeline.analysis import analyse
 from pipeline.synth import SynthSpec
+from pipeline.synth.cases import hard_cases
 
 
 def evaluate(spec: SynthSpec, workdir: Path, profile: str, overrides: list[str]) -> dict[str, object]:
@@ -106,18 +107,7 @@ def main() -> None:
         ),
     }
     if a.hard:
-        common = {"width": n, "height": n, "tumour_fraction": 0.4, "localisation": a.localisation}
-        common["continuous_dab"] = True
-        specs = {
-            "pale_counterstain": SynthSpec(seed=41, counterstain_scale=0.35, **common),
-            "very_pale_counterstain": SynthSpec(seed=46, counterstain_scale=0.2, **common),
-            "dab_dominant": SynthSpec(
-                seed=42, dab_masks_hematoxylin=0.85, strong_dab_od=1.5, tumour_classes=(0.3, 0.1, 0.2, 0.4), **common
-            ),
-            "colour_cast": SynthSpec(seed=44, colour_cast=(1.0, 0.94, 0.86), **common),
-            "off_vector": SynthSpec(seed=43, stain_jitter_deg=8, colour_cast=(1.0, 0.94, 0.86), **common),
-            "off_vector_2": SynthSpec(seed=45, stain_jitter_deg=8, **common),
-        }
+        specs = hard_cases(n, a.localisation)
     report = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, spec in specs.items():

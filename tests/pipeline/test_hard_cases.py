@@ -18,18 +18,14 @@ from adapter.synth import SynthOutput, generate
 from config.settings import load_settings
 from dicom_io import open_slide
 from pipeline.analysis import SlideResult, analyse
-from pipeline.synth import SynthSpec
+from pipeline.synth.cases import hard_cases
 from pipeline.tissue import detect_tissue
 
-_COMMON = {"width": 1536, "height": 1536, "tumour_fraction": 0.4, "continuous_dab": True}
-
+#: The hard cases of ``bench/accuracy.py --hard``, on smaller slides.
 HARD_SPECS = {
-    "pale": SynthSpec(seed=41, counterstain_scale=0.35, **_COMMON),
-    "very_pale": SynthSpec(seed=46, counterstain_scale=0.2, **_COMMON),
-    "dab_dominant": SynthSpec(
-        seed=42, dab_masks_hematoxylin=0.85, strong_dab_od=1.5, tumour_classes=(0.3, 0.1, 0.2, 0.4), **_COMMON
-    ),
-    "colour_cast": SynthSpec(seed=44, colour_cast=(1.0, 0.94, 0.86), **_COMMON),
+    name: spec
+    for name, spec in hard_cases(1536).items()
+    if name in ("pale_counterstain", "very_pale_counterstain", "dab_dominant", "colour_cast")
 }
 
 
@@ -81,7 +77,7 @@ def hard(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Measured]:
     }
 
 
-@pytest.mark.parametrize("name", ["pale", "very_pale"])
+@pytest.mark.parametrize("name", ["pale_counterstain", "very_pale_counterstain"])
 def test_pale_counterstain_tissue_and_nuclei_are_found(name: str, hard: dict[str, Measured]) -> None:
     m = hard[name]
     assert m.tissue_iou >= 0.9  # pale stroma is tissue (a fixed OD cut-off found 0.41 of it)
@@ -90,7 +86,7 @@ def test_pale_counterstain_tissue_and_nuclei_are_found(name: str, hard: dict[str
 
 
 def test_the_threshold_adapts_only_to_a_pale_counterstain(hard: dict[str, Measured]) -> None:
-    very_pale, cast = hard["very_pale"].result.detection, hard["colour_cast"].result.detection
+    very_pale, cast = hard["very_pale_counterstain"].result.detection, hard["colour_cast"].result.detection
     assert very_pale["adaptive"] and very_pale["threshold"] < very_pale["configured_threshold"] == 0.1
     assert cast["threshold"] == 0.1
 
