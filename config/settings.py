@@ -101,7 +101,8 @@ class NucleiSettings(_Frozen):
         "fast",
         description="'qupath': QuPath's watershed cell detection, every parameter meaning what it means there "
         "(the threshold applies to each candidate region's mean; use it to carry a QuPath protocol over; about "
-        "4-5x slower); 'fast': a per-pixel threshold and a distance-map split, compiled for throughput",
+        "5x slower); 'fast': a per-pixel threshold where the smoothed image is curved down (QuPath's LoG > 0) "
+        "and a distance-map split at necks, compiled for throughput",
     )
     detection_image: Literal["hematoxylin", "od_sum", "stain_max", "stain_sum"] = Field(
         "hematoxylin",

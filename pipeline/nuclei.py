@@ -1,17 +1,22 @@
 """Classical nucleus and cell detection, in the terms of QuPath's positive cell detection.
 
-For one tile of haematoxylin / DAB optical density at the requested pixel size:
+For one tile of haematoxylin / DAB optical density at the requested pixel size (the ``fast``
+detector; ``nuclei.method = "qupath"`` hands step 3–5 to :mod:`pipeline.qupath`):
 
-1. *Detection image*: haematoxylin OD, or the OD sum.
+1. *Detection image*: haematoxylin OD, the OD sum, or the stronger of haematoxylin and DAB
+   (``stain_max``, the nuclear-stain profiles' choice); with *Exclude DAB*, only where
+   haematoxylin dominates.
 2. *Median filter radius*, then *Background radius*: the background is a
    grey opening (erosion then dilation) with that radius and is subtracted;
    pixels whose background exceeds *Max background intensity* are ignored.
-3. *Sigma*: Gaussian smoothing; *Threshold*: foreground is smoothed OD above it.
+3. *Sigma*: Gaussian smoothing; *Threshold*: foreground is smoothed OD above it
+   where the smoothed image is also curved down (Laplacian of Gaussian > 0, as in
+   QuPath), which cuts the bridges between touching nuclei; holes filled.
 4. *Split by shape*: touching nuclei are split at the local maxima of the
-   smoothed distance transform: each pixel of a piece with several maxima
-   goes to the nearest one in that piece — a Voronoi split that costs one
-   distance transform and no watershed flood.
-5. *Minimum / Maximum area* filter.
+   smoothed distance transform that a neck separates: each pixel of a piece with
+   several maxima goes to the nearest one in that piece — a Voronoi split that
+   costs one distance transform and no watershed flood.
+5. Each nucleus is trimmed at half its peak (σ = 0.75 µm); *Minimum / Maximum area* filter.
 6. *Cell expansion*: each nucleus grows by up to that distance, never into
    a neighbour (nearest-nucleus partition), as QuPath does; distances are
    5-7-11 chamfer distances, the nucleus label carried along with them
