@@ -197,6 +197,10 @@ def _summary(result: Any) -> str:
     if result.uncertainty and result.uncertainty.near_threshold_percent is not None:
         near = result.uncertainty.near_threshold_percent
         lines.append(f"  {'near a class threshold':<26} {near:.1f}% of tumour cells")
+    for kind, qc in result.qc.items():
+        lines.append(
+            f"  {'left out by QC: ' + kind:<26} {qc['area_mm2']:.3f} mm² ({qc['percent_of_tissue']:.1f}% of tissue)"
+        )
     if result.alerts:
         lines.append("  ALERTS (verify by a pathologist):")
         lines.extend(f"    {a['code']}: {a['message']}" for a in result.alerts)

@@ -185,6 +185,8 @@ def generate(
     np.savez_compressed(truth_dir / "cells.npz", **table)  # type: ignore[arg-type]
     labels = model.truth_labels()
     Image.fromarray(labels).save(truth_dir / "compartments.png")
+    if spec.pen_strokes:
+        Image.fromarray(model.truth_ink().astype(np.uint8) * 255).save(truth_dir / "ink.png")
     truth = {
         "spec": spec.model_dump(),
         "truth_step_px": model.truth_step_px,

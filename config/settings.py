@@ -271,6 +271,22 @@ class ScoreSettings(_Frozen):
     )
 
 
+class QcSettings(_Frozen):
+    """Tissue quality control before scoring (:mod:`pipeline.qc`)."""
+
+    enabled: bool = Field(True, description="detect marker ink and folds and leave them out of the scores")
+    ink_saturation: float = Field(
+        0.25, gt=0, le=1, description="green/cyan pixels more saturated than this (white-balanced HSV) are ink"
+    )
+    fold_od: float = Field(
+        0.5, gt=0, description="tissue with haematoxylin and DAB OD both above this at 8 µm/px is a fold"
+    )
+    min_area_um2: float = Field(2000.0, ge=0, description="artefact pieces smaller than this are ignored")
+    min_usable_fraction: float = Field(
+        0.5, ge=0, le=1, description="QC_FAILED (result not valid) when less of the tissue than this is usable"
+    )
+
+
 class UncertaintySettings(_Frozen):
     """Intervals of the slide-level scores (:mod:`pipeline.uncertainty`)."""
 
@@ -329,6 +345,7 @@ class Settings(_Frozen):
     intensity: IntensitySettings = IntensitySettings()
     segmentation: SegmentationSettings = SegmentationSettings()
     scores: ScoreSettings = ScoreSettings()
+    qc: QcSettings = QcSettings()
     uncertainty: UncertaintySettings = UncertaintySettings()
     outputs: OutputSettings = OutputSettings()
 

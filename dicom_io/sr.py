@@ -83,6 +83,8 @@ ALLRED = {
     "total": _private("ALLRED-TS", "Allred total score"),
 }
 TPS = _private("PDL1-TPS", "PD-L1 tumour proportion score")
+QC_EXCLUDED_AREA = _private("QC-EXCLUDED", "Tissue area left out by quality control")
+QC_EXCLUDED_PERCENT = _private("QC-EXCLUDED-PCT", "Share of tissue left out by quality control")
 HER2_SCORE = CodedConcept("48676-1", "LN", "HER2 [Interpretation] in Tissue")
 #: Concept name of every alert: one qualitative evaluation per alert, its code the value.
 ALERT = _private("ALERT", "Automated analysis alert")
@@ -170,6 +172,9 @@ def slide_level_content(result: SlideResult) -> tuple[list[hd.sr.Measurement], l
         _m(KI67_INDEX, scores.get("ki67_index_percent"), PERCENT, ci.get("ki67_index_percent")),
         _m(TPS, scores.get("tps_percent"), PERCENT, ci.get("tps_percent")),
     ]
+    if result.qc:
+        measurements.append(_m(QC_EXCLUDED_AREA, sum(q["area_mm2"] for q in result.qc.values()), MM2))
+        measurements.append(_m(QC_EXCLUDED_PERCENT, sum(q["percent_of_tissue"] for q in result.qc.values()), PERCENT))
     kind = result.settings.scores.kind
     if kind in RECEPTOR_PERCENT:
         measurements.append(

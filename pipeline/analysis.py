@@ -17,6 +17,7 @@ tissue (by the tissue mask) grown by ``tiling.margin_um``; aligned groups of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import multiprocessing
@@ -43,7 +44,8 @@ from pipeline.nuclei import (
     intensity_class,
     intensity_value,
 )
-from pipeline.scoring import Alert, CompartmentSummary
+from pipeline.qc import Artefact, detect_artefacts
+from pipeline.scoring import Alert, AlertCode, CompartmentSummary
 from pipeline.segmentation import (
     CLASS_NAMES,
     STROMA,
@@ -90,6 +92,8 @@ class SlideResult:
     detection: dict[str, Any] = field(default_factory=dict)
     #: Intervals of the scores (:mod:`pipeline.uncertainty`); None when turned off.
     uncertainty: Uncertainty | None = None
+    #: Tissue left out by quality control (:mod:`pipeline.qc`): artefact → area_mm2, percent_of_tissue.
+    qc: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +111,7 @@ class SlideResult:
             if self.uncertainty
             else {},
             "uncertainty": self.uncertainty.to_json() if self.uncertainty else None,
+            "qc": self.qc,
             "settings": self.settings.model_dump(mode="json"),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -386,6 +391,31 @@ def analyse(
     t = time.perf_counter()
     tissue = detect_tissue(slide, settings.tissue)
     background = _background(settings, tissue)
+    qc: dict[str, dict[str, float]] = {}
+    qc_failed = None
+    if settings.qc.enabled:
+        qc_map = detect_artefacts(
+            slide, tissue, settings.qc, StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
+        )
+        before_mm2 = tissue.area_mm2
+        for kind in (Artefact.INK, Artefact.FOLD):
+            area = float(np.count_nonzero((qc_map.labels == kind) & tissue.mask)) * (tissue.mpp / 1000.0) ** 2
+            if area > 0:
+                qc[kind.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
+        if qc:
+            tissue = dataclasses.replace(tissue, mask=tissue.mask & ~qc_map.mask)
+            usable = tissue.area_mm2 / before_mm2 if before_mm2 > 0 else 0.0
+            log.info(
+                "%s: quality control left out %s",
+                slide.path,
+                ", ".join(f"{k} {v['area_mm2']:.3f} mm²" for k, v in qc.items()),
+            )
+            if usable < settings.qc.min_usable_fraction:
+                qc_failed = (
+                    f"only {100 * usable:.0f}% of the tissue is usable after quality control ("
+                    + ", ".join(f"{k} {v['percent_of_tissue']:.0f}%" for k, v in qc.items())
+                    + "); the result is not valid"
+                )
     timings["tissue"] = time.perf_counter() - t
 
     mpp = slide.analysis_mpp(settings.nuclei.requested_pixel_size_um)
@@ -509,6 +539,8 @@ def analyse(
         settings.scores,
     )
     alerts = scoring.alerts(settings.scores.kind, tumour_fraction, int(tum.sum()), tissue_area, scores, settings.scores)
+    if qc_failed:
+        alerts.insert(0, {"code": AlertCode.QC_FAILED.value, "message": qc_failed})
     uncertainty = None
     if settings.uncertainty.enabled:
         uncertainty = score_intervals(cells, intensity_value(cells, settings.intensity), scores, settings)
@@ -540,6 +572,7 @@ def analyse(
         timings=timings,
         detection=detection,
         uncertainty=uncertainty,
+        qc=qc,
     )
 
 

@@ -27,6 +27,7 @@ class AlertCode(StrEnum):
     LOW_POSITIVE = "LOW_POSITIVE"
     HER2_EQUIVOCAL = "HER2_EQUIVOCAL"
     UNCERTAIN_CATEGORY = "UNCERTAIN_CATEGORY"
+    QC_FAILED = "QC_FAILED"
 
     @property
     def meaning(self) -> str:
@@ -43,6 +44,7 @@ _ALERT_MEANINGS = {  # at most 64 characters: a DICOM Code Meaning
     AlertCode.LOW_POSITIVE: "ER or PR low positive (1-10 % of tumour cells)",
     AlertCode.HER2_EQUIVOCAL: "HER2 2+ (equivocal): reflex in-situ hybridisation",
     AlertCode.UNCERTAIN_CATEGORY: "95 % interval spans two clinical categories",
+    AlertCode.QC_FAILED: "Too little usable tissue after quality control; not valid",
 }
 
 

@@ -84,6 +84,7 @@ class SynthSpec(BaseModel):
     )
     jpeg_quality: int = Field(90, ge=30, le=100)
     tile_size: int = Field(512, ge=64, le=4096)
+    pen_strokes: int = Field(0, ge=0, le=20, description="green marker strokes drawn over the slide (QC artefact)")
 
     @field_validator("tumour_classes", "stroma_classes")
     @classmethod
@@ -159,6 +160,7 @@ class SlideModel:
         self.truth_step_px = self._truth_step(spec)
         self.stain_matrix, self.dab_scale = self._staining(rng)
         self._thr_tumour, self._thr_fat = thresholds if thresholds is not None else self._calibrate()
+        self.pen = self._pen_strokes(np.random.default_rng([spec.seed, 9]))
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -229,6 +231,32 @@ class SlideModel:
             lab[rest] = sub
         out[tissue] = lab
         return out
+
+    # -- artefacts ------------------------------------------------------------
+    def _pen_strokes(self, rng: np.random.Generator) -> np.ndarray:
+        """Marker strokes as segments ``(x0, y0, x1, y1, half_width)`` in µm, over the tissue."""
+        strokes = []
+        for _ in range(self.spec.pen_strokes):
+            cx, cy = rng.uniform(0.2, 0.8) * self.width_um, rng.uniform(0.2, 0.8) * self.height_um
+            length = rng.uniform(0.15, 0.4) * min(self.width_um, self.height_um)
+            angle = rng.uniform(0, np.pi)
+            dx, dy = 0.5 * length * np.cos(angle), 0.5 * length * np.sin(angle)
+            strokes.append((cx - dx, cy - dy, cx + dx, cy + dy, rng.uniform(15.0, 30.0)))
+        return np.asarray(strokes, np.float64).reshape(-1, 5)
+
+    def ink_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Marker ink density (0–1) at the points: 1 inside a stroke, falling off over 3 µm."""
+        ink = np.zeros(np.shape(x_um))
+        for x0, y0, x1, y1, half in self.pen:
+            vx, vy = x1 - x0, y1 - y0
+            t = np.clip(((x_um - x0) * vx + (y_um - y0) * vy) / (vx * vx + vy * vy), 0.0, 1.0)
+            d = np.hypot(x_um - (x0 + t * vx), y_um - (y0 + t * vy))
+            ink = np.maximum(ink, np.clip((half - d) / 3.0 + 0.5, 0.0, 1.0))
+        return ink
+
+    def truth_ink(self) -> np.ndarray:
+        """Where marker ink covers the slide (ink density ≥ 0.5) on the truth grid."""
+        return np.concatenate([self.ink_at(xx, yy) >= 0.5 for xx, yy in self._truth_rows()], axis=0)
 
     def truth_labels(self) -> np.ndarray:
         """Compartment labels on the truth grid (``truth_step_px`` level-0 px per pixel)."""

@@ -34,6 +34,10 @@ class RenderedTile:
     cells: dict[str, np.ndarray]
 
 
+#: Optical density of green marker ink (absorbs red and blue light).
+INK_OD = np.array([0.9, 0.25, 0.75])
+
+
 def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> RenderedTile:
     """Render level-0 pixels ``[x, x+width) × [y, y+height)``."""
     spec = model.spec
@@ -70,6 +74,9 @@ def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> R
         conc_d = ndimage.gaussian_filter(conc_d, sigma_px)
     conc = np.stack([conc_h[core], conc_d[core]], axis=-1)
     od = conc @ model.stain_matrix
+    if spec.pen_strokes:
+        ink = model.ink_at(xx[core], yy[core])
+        od = od + ink[..., None] * INK_OD  # marker ink over the tissue, by Beer–Lambert like the stains
     rgb = spec.background * np.asarray(spec.colour_cast) * np.power(10.0, -od)
     if spec.noise_sigma > 0:
         rgb += rng.normal(0.0, spec.noise_sigma, rgb.shape)

@@ -1,0 +1,89 @@
+"""Tissue quality control before scoring: marker ink and folds on the tissue grid.
+
+On the same low-resolution read as tissue detection (8 µm/px), white-balanced to the slide's glass:
+
+* **Marker ink**: colours no H-DAB (or H&E) slide holds — green or cyan (hue 70–190°, saturation
+  over ``qc.ink_saturation``), saturated blue (hue 200–260°, saturation over 0.6) or near-black
+  (value under 0.08).
+* **Folds and overlaps**: tissue lying twice absorbs in both stains at once — haematoxylin and DAB
+  OD both over ``qc.fold_od`` at this resolution, where single-layer tissue, even dense tumour
+  full of strongly stained nuclei, stays under it.
+
+Pieces smaller than ``qc.min_area_um2`` are ignored; the rest are taken out of the tissue before
+tiles are chosen, so their cells are neither counted nor
+shown. The areas are reported per kind and as a share of the tissue; when the usable tissue falls
+under ``qc.min_usable_fraction`` of it the result is marked not valid (``QC_FAILED``).
+
+Not yet detected (open work): out-of-focus regions, bubbles and debris, over-exposure, absent
+counterstain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import cv2
+import numpy as np
+
+from config.settings import QcSettings
+from pipeline.slide import Slide
+from pipeline.stains import StainMatrix, stain_planes
+from pipeline.tissue import TissueMask
+
+
+class Artefact(IntEnum):
+    """Labels of the QC map."""
+
+    NONE = 0
+    INK = 1
+    FOLD = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class QcMap:
+    """Artefact labels on the tissue grid (``mpp`` µm/px from the slide's origin)."""
+
+    labels: np.ndarray
+    mpp: float
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.labels != Artefact.NONE
+
+    def area_mm2(self, kind: Artefact) -> float:
+        return float(np.count_nonzero(self.labels == kind)) * (self.mpp / 1000.0) ** 2
+
+
+def detect_artefacts(slide: Slide, tissue: TissueMask, settings: QcSettings, stains: StainMatrix) -> QcMap:
+    """Ink and folds over the tissue (and, for ink, wherever it lies on the slide)."""
+    grid = slide.grid(tissue.mpp, tile_size=1 << 30)
+    rgb, _ = slide.read_at_mpp(tissue.mpp, 0, 0, grid.width, grid.height)
+    return artefacts_from_rgb(rgb, tissue, settings, stains)
+
+
+def artefacts_from_rgb(rgb: np.ndarray, tissue: TissueMask, settings: QcSettings, stains: StainMatrix) -> QcMap:
+    h, w = tissue.mask.shape
+    rgb = rgb[:h, :w]
+    glass = np.asarray(tissue.glass_rgb or (255.0, 255.0, 255.0), np.float64)
+    balanced = np.clip(rgb.astype(np.float64) / glass * 255.0, 0, 255).astype(np.uint8)
+    hsv = cv2.cvtColor(balanced, cv2.COLOR_RGB2HSV).astype(np.int32)
+    hue, sat, val = hsv[..., 0] * 2, hsv[..., 1] / 255.0, hsv[..., 2] / 255.0
+    ink = ((hue >= 70) & (hue <= 190) & (sat > settings.ink_saturation)) | ((hue >= 200) & (hue <= 260) & (sat > 0.6))
+    ink |= val < 0.08
+    h_od, dab_od = stain_planes(rgb, stains, tuple(glass))  # type: ignore[arg-type]
+    fold = (h_od > settings.fold_od) & (dab_od > settings.fold_od) & tissue.mask[: rgb.shape[0], : rgb.shape[1]]
+    labels = np.zeros((h, w), np.uint8)
+    min_px = settings.min_area_um2 / (tissue.mpp * tissue.mpp)
+    for kind, found in ((Artefact.FOLD, fold), (Artefact.INK, ink)):
+        if not settings.enabled or not found.any():
+            continue
+        _, pieces, stats, _ = cv2.connectedComponentsWithStats(found.astype(np.uint8), connectivity=8)
+        keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+        keep[0] = False
+        labels[keep[pieces]] = kind
+    return QcMap(labels=labels, mpp=tissue.mpp)

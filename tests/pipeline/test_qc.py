@@ -1,0 +1,100 @@
+"""Quality control before scoring: marker ink and folds are found, left out and reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adapter.synth import SynthOutput, generate
+from config.settings import QcSettings, load_settings
+from dicom_io import open_slide
+from pipeline.analysis import SlideResult, analyse
+from pipeline.qc import Artefact, artefacts_from_rgb, detect_artefacts
+from pipeline.stains import StainMatrix
+from pipeline.synth import SynthSpec
+from pipeline.tissue import TissueMask, detect_tissue
+from tests.conftest import shared_file
+
+
+@pytest.fixture(scope="module")
+def inked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[SynthOutput, SlideResult]]:
+    """One slide with three marker strokes and its clean twin (the same cells, no ink)."""
+    root = Path(tmp_path_factory.mktemp("qc"))
+    out = {}
+    for name, strokes in (("inked", 3), ("clean", 0)):
+        slide = generate(
+            SynthSpec(width=2048, height=2048, seed=51, pen_strokes=strokes), root / name, formats=("ome",)
+        )
+        assert slide.ome_tiff
+        with open_slide(slide.ome_tiff) as s:
+            out[name] = (slide, analyse(s, load_settings("ki67", ["tiling.workers=1"])))
+    return out
+
+
+def test_marker_ink_is_found_where_the_generator_drew_it(inked: dict[str, tuple[SynthOutput, SlideResult]]) -> None:
+    slide, _ = inked["inked"]
+    assert slide.ome_tiff
+    with open_slide(slide.ome_tiff) as s:
+        settings = load_settings("ki67")
+        tissue = detect_tissue(s, settings.tissue)
+        qc = detect_artefacts(s, tissue, settings.qc, StainMatrix())
+    truth = np.array(Image.open(slide.truth_dir / "ink.png")) > 0
+    step = slide.truth["truth_step_px"] * 0.5
+    yy, xx = np.indices(qc.labels.shape)
+    rows = np.clip(((yy + 0.5) * qc.mpp / step).astype(int), 0, truth.shape[0] - 1)
+    cols = np.clip(((xx + 0.5) * qc.mpp / step).astype(int), 0, truth.shape[1] - 1)
+    real, found = truth[rows, cols], qc.labels == Artefact.INK
+    assert (real & found).sum() / (real | found).sum() >= 0.8
+
+
+def test_inked_cells_are_left_out_and_the_score_holds(inked: dict[str, tuple[SynthOutput, SlideResult]]) -> None:
+    slide, result = inked["inked"]
+    _, clean = inked["clean"]
+    truth = np.array(Image.open(slide.truth_dir / "ink.png")) > 0
+    step = slide.truth["truth_step_px"] * 0.5
+    scored = np.isin(result.cells["compartment"], (1, 2))
+    rows = (result.cells["y_um"][scored] / step).astype(int).clip(0, truth.shape[0] - 1)
+    cols = (result.cells["x_um"][scored] / step).astype(int).clip(0, truth.shape[1] - 1)
+    assert truth[rows, cols].mean() < 0.01  # no scored cell under the ink
+    assert result.qc["ink"]["area_mm2"] > 0.01 and 0 < result.qc["ink"]["percent_of_tissue"] < 50
+    assert clean.qc == {}
+    ki67, ki67_clean = result.scores["ki67_index_percent"], clean.scores["ki67_index_percent"]
+    assert abs(ki67 - ki67_clean) <= 2.0
+    assert "QC_FAILED" not in [a["code"] for a in result.alerts]
+    assert json.loads(json.dumps(result.to_json()))["qc"]["ink"]["area_mm2"] == pytest.approx(
+        result.qc["ink"]["area_mm2"]
+    )
+
+
+def test_too_little_usable_tissue_is_not_valid(inked: dict[str, tuple[SynthOutput, SlideResult]]) -> None:
+    slide, _ = inked["inked"]
+    assert slide.ome_tiff
+    with open_slide(slide.ome_tiff) as s:
+        strict = analyse(s, load_settings("ki67", ["tiling.workers=1", "qc.min_usable_fraction=0.99"]))
+    (failed,) = [a for a in strict.alerts if a["code"] == "QC_FAILED"]
+    assert "not valid" in failed["message"] and "ink" in failed["message"]
+
+
+def test_a_fold_absorbs_in_both_stains() -> None:
+    stains = StainMatrix()
+    conc = np.zeros((40, 40, 3))
+    conc[..., 0], conc[..., 1] = 0.3, 0.15  # ordinary stained tissue
+    conc[10:25, 10:25, 0], conc[10:25, 10:25, 1] = 0.9, 0.8  # two layers
+    rgb = np.clip(stains.concentrations_to_rgb(conc), 0, 255).astype(np.uint8)
+    tissue = TissueMask(mask=np.ones((40, 40), bool), mpp=8.0, threshold_od=0.05, glass_rgb=(255.0, 255.0, 255.0))
+    labels = artefacts_from_rgb(rgb, tissue, QcSettings(min_area_um2=0), stains).labels
+    assert (labels[10:25, 10:25] == Artefact.FOLD).all()
+    assert (labels[30:, 30:] == Artefact.NONE).all()
+
+
+@pytest.mark.parametrize("name", ["OS-2-vsi.ome.tif", "OS-1-detail.ome.tif", "cmu_small_region.svs"])
+def test_clean_real_slides_lose_at_most_two_percent(name: str) -> None:
+    with open_slide(shared_file(name)) as s:
+        settings = load_settings("ki67")
+        tissue = detect_tissue(s, settings.tissue)
+        qc = detect_artefacts(s, tissue, settings.qc, StainMatrix())
+    assert (qc.mask & tissue.mask).sum() <= 0.02 * tissue.mask.sum()
