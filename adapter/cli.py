@@ -172,7 +172,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"   alerts: {alerts}")
     print(f"   results: {Path(str(job.result_dir)) / 'result.json'}")
     for kind, paths in result["outputs"].items():
-        print(f"   DICOM {kind:<9} {Path(paths[0]).parent}")
+        if isinstance(paths, list):
+            print(f"   DICOM {kind:<9} {Path(paths[0]).parent}")
+        else:
+            print(f"   {kind:<15} {paths}")
     return 0
 
 

@@ -22,6 +22,7 @@ from config.errors import SlideReadError
 from dicom_io.ann import build_annotations
 from dicom_io.ko import build_review_flag
 from dicom_io.ome_results import write_cell_table, write_json, write_label_ome_tiff
+from dicom_io.overviews import write_overviews
 from dicom_io.pm import build_heatmap
 from dicom_io.seg import build_segmentations, read_headers
 from dicom_io.sr import build_measurement_report, build_viewer_report
@@ -38,6 +39,8 @@ class WrittenResults:
     json: Path
     dicom: dict[str, list[Path]] = field(default_factory=dict)
     ome: dict[str, Path] = field(default_factory=dict)
+    #: PNG overviews (:mod:`dicom_io.overviews`): heat maps and the outlined thumbnail.
+    overviews: dict[str, Path] = field(default_factory=dict)
 
     def all_dicom(self) -> list[Path]:
         return [p for paths in self.dicom.values() for p in paths]
@@ -122,12 +125,14 @@ def write_results(
         lv0 = slide.levels[0]
         written.ome["labels"] = write_label_ome_tiff(result, out_dir / "compartments.ome.tif")
         written.ome["cells"] = write_cell_table(result, out_dir / "cells.csv", (lv0.mpp_x, lv0.mpp_y))
+    written.overviews = write_overviews(result, slide, out_dir)
     write_json(
         result,
         written.json,
         {
             "outputs": {k: [str(p) for p in v] for k, v in written.dicom.items()}
             | {k: str(p) for k, p in written.ome.items()}
+            | {k: str(p) for k, p in written.overviews.items()}
         },
     )
     log.info("wrote results for %s to %s", slide.path, out_dir)

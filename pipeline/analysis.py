@@ -44,7 +44,7 @@ from pipeline.nuclei import (
     intensity_class,
     intensity_value,
 )
-from pipeline.qc import Artefact, detect_artefacts
+from pipeline.qc import Artefact, QcMap, detect_artefacts
 from pipeline.scoring import Alert, AlertCode, CompartmentSummary
 from pipeline.segmentation import (
     CLASS_NAMES,
@@ -94,6 +94,8 @@ class SlideResult:
     uncertainty: Uncertainty | None = None
     #: Tissue left out by quality control (:mod:`pipeline.qc`): artefact → area_mm2, percent_of_tissue.
     qc: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The quality-control map (artefact labels on the tissue grid); None when QC is off.
+    qc_map: QcMap | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -393,6 +395,7 @@ def analyse(
     background = _background(settings, tissue)
     qc: dict[str, dict[str, float]] = {}
     qc_failed = None
+    qc_map = None
     if settings.qc.enabled:
         qc_map = detect_artefacts(
             slide, tissue, settings.qc, StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
@@ -573,6 +576,7 @@ def analyse(
         detection=detection,
         uncertainty=uncertainty,
         qc=qc,
+        qc_map=qc_map,
     )
 
 

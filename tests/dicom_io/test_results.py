@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pydicom
 import pytest
 import tifffile
 from ome_types import from_xml
+from PIL import Image
 
 from adapter.cli import _summary
 from adapter.synth import SynthOutput
@@ -19,6 +21,7 @@ from config.errors import ConfigError
 from config.product import device_uid
 from config.settings import load_settings
 from dicom_io import open_slide
+from dicom_io.overviews import block_scores
 from dicom_io.results import WrittenResults, write_results
 from dicom_io.seg import labels_on_level, read_headers
 from dicom_io.sr import ALERT, H_SCORE, POSITIVE_PERCENT, SCHEME, TOTAL_CELLS, alert_code_value, her2_value
@@ -420,3 +423,23 @@ def test_intervals_in_the_json_the_sr_and_the_summary(dicom_results: tuple[Slide
     lower = float(items["371885007"].MeasuredValueSequence[0].NumericValue)
     assert upper == pytest.approx(high - value, abs=1e-6) and lower == pytest.approx(value - low, abs=1e-6)
     assert f"(95 % interval {low:.1f}–{high:.1f})" in _summary(result)
+
+
+def test_png_overviews_show_the_block_scores(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    """Heat maps of H-score and % positive per block (transparent where no cell) and the outlined
+    thumbnail, next to the JSON and listed in it."""
+    result, written = dicom_results
+    outputs = json.loads(written.json.read_text())["outputs"]
+    assert {"heatmap_h_score", "heatmap_positive", "overview"} <= set(outputs)
+    blocks = block_scores(result, result.settings.outputs.heatmap_um, (1000 * 0.5, 760 * 0.5))
+    rgba = np.asarray(Image.open(written.overviews["heatmap_positive"]))
+    assert rgba.shape[2] == 4
+    f = rgba.shape[0] // blocks["positive"].shape[0]
+    alpha = rgba[f // 2 :: f, f // 2 :: f, 3][: blocks["positive"].shape[0], : blocks["positive"].shape[1]]
+    assert np.array_equal(alpha == 0, np.isnan(blocks["positive"]))  # no cells: transparent
+    assert np.isfinite(blocks["positive"]).any() and np.nanmax(blocks["h_score"]) <= 300
+    overview = np.asarray(Image.open(written.overviews["overview"]))
+    assert overview.ndim == 3 and max(overview.shape[:2]) <= 1024
+    # The tumour outline is drawn in red.
+    red = (overview[..., 0] > 200) & (overview[..., 1] < 50) & (overview[..., 2] < 50)
+    assert red.any()
