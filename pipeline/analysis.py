@@ -44,7 +44,7 @@ from pipeline.nuclei import (
     intensity_class,
     intensity_value,
 )
-from pipeline.qc import Artefact, QcMap, detect_artefacts
+from pipeline.qc import Artefact, QcMap, artefacts_from_rgb
 from pipeline.scoring import Alert, AlertCode, CompartmentSummary
 from pipeline.segmentation import (
     CLASS_NAMES,
@@ -63,7 +63,7 @@ from pipeline.stains import (
     rgb_to_od,
     stain_planes,
 )
-from pipeline.tissue import TissueMask, detect_tissue
+from pipeline.tissue import TissueMask, low_resolution, tissue_from_rgb
 from pipeline.uncertainty import Uncertainty, score_intervals
 
 log = logging.getLogger(__name__)
@@ -391,14 +391,15 @@ def analyse(
     workers = settings.tiling.workers or (os.cpu_count() or 1)
     context = _worker_context(opener, slide) if workers > 1 and opener is not None else None
     t = time.perf_counter()
-    tissue = detect_tissue(slide, settings.tissue)
+    low, low_mpp = low_resolution(slide, settings.tissue)
+    tissue = tissue_from_rgb(low, low_mpp, settings.tissue)
     background = _background(settings, tissue)
     qc: dict[str, dict[str, float]] = {}
     qc_failed = None
     qc_map = None
     if settings.qc.enabled:
-        qc_map = detect_artefacts(
-            slide, tissue, settings.qc, StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
+        qc_map = artefacts_from_rgb(
+            low, tissue, settings.qc, StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
         )
         before_mm2 = tissue.area_mm2
         for kind in (Artefact.INK, Artefact.FOLD):

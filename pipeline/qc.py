@@ -60,7 +60,8 @@ class QcMap:
 
 
 def detect_artefacts(slide: Slide, tissue: TissueMask, settings: QcSettings, stains: StainMatrix) -> QcMap:
-    """Ink and folds over the tissue (and, for ink, wherever it lies on the slide)."""
+    """Ink and folds over the tissue (and, for ink, wherever it lies on the slide); reads the slide
+    at the tissue mask's resolution (:func:`artefacts_from_rgb` takes a read already made)."""
     grid = slide.grid(tissue.mpp, tile_size=1 << 30)
     rgb, _ = slide.read_at_mpp(tissue.mpp, 0, 0, grid.width, grid.height)
     return artefacts_from_rgb(rgb, tissue, settings, stains)

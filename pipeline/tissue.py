@@ -87,11 +87,18 @@ class TissueMask:
         return left, top, right - left, bottom - top
 
 
-def detect_tissue(slide: Slide, settings: TissueSettings, background: float = 255.0) -> TissueMask:
-    """Find tissue on a low-resolution read of ``slide``."""
+def low_resolution(slide: Slide, settings: TissueSettings) -> tuple[np.ndarray, float]:
+    """The whole slide at the tissue mask's resolution (``tissue.mpp``, or the slide's own if
+    coarser), and that resolution: what tissue detection and quality control look at."""
     mpp = max(settings.mpp, slide.mpp)
     grid = slide.grid(mpp, tile_size=1 << 30)
     rgb, _ = slide.read_at_mpp(mpp, 0, 0, grid.width, grid.height)
+    return rgb, mpp
+
+
+def detect_tissue(slide: Slide, settings: TissueSettings, background: float = 255.0) -> TissueMask:
+    """Find tissue on a low-resolution read of ``slide``."""
+    rgb, mpp = low_resolution(slide, settings)
     return tissue_from_rgb(rgb, mpp, settings, background)
 
 
