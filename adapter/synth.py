@@ -187,6 +187,8 @@ def generate(
     Image.fromarray(labels).save(truth_dir / "compartments.png")
     if spec.pen_strokes:
         Image.fromarray(model.truth_ink().astype(np.uint8) * 255).save(truth_dir / "ink.png")
+    if spec.blur_patches:
+        Image.fromarray(model.truth_blur().astype(np.uint8) * 255).save(truth_dir / "blur.png")
     truth = {
         "spec": spec.model_dump(),
         "truth_step_px": model.truth_step_px,

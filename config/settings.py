@@ -282,6 +282,11 @@ class QcSettings(_Frozen):
         0.5, gt=0, description="tissue with haematoxylin and DAB OD both above this at 8 µm/px is a fold"
     )
     min_area_um2: float = Field(2000.0, ge=0, description="artefact pieces smaller than this are ignored")
+    blur_ratio: float = Field(
+        0.2, ge=0, lt=1, description="a region whose sharpness is under this share of the slide's median is blurred"
+    )
+    blur_floor: float = Field(0.02, ge=0, description="a region whose sharpness is under this is blurred (any slide)")
+    blur_block_um: float = Field(48.0, gt=0, description="side of the blocks whose sharpness is judged")
     min_usable_fraction: float = Field(
         0.5, ge=0, le=1, description="QC_FAILED (result not valid) when less of the tissue than this is usable"
     )

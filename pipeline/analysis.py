@@ -44,7 +44,7 @@ from pipeline.nuclei import (
     intensity_class,
     intensity_value,
 )
-from pipeline.qc import Artefact, QcMap, artefacts_from_rgb
+from pipeline.qc import Artefact, QcMap, artefacts_from_rgb, blurred, focus_blocks
 from pipeline.scoring import Alert, AlertCode, CompartmentSummary
 from pipeline.segmentation import (
     CLASS_NAMES,
@@ -281,6 +281,9 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
         "cells": cells,
         "pixel_keys": keys,
         "pixel_counts": counts,
+        "focus": focus_blocks(pixels[core_sl], max(8, round(s.qc.blur_block_um / mpp)))
+        if s.qc.enabled
+        else np.zeros((0, 0)),
         "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }
 
@@ -397,29 +400,17 @@ def analyse(
     qc: dict[str, dict[str, float]] = {}
     qc_failed = None
     qc_map = None
+    before_mm2 = tissue.area_mm2
     if settings.qc.enabled:
         qc_map = artefacts_from_rgb(
             low, tissue, settings.qc, StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
         )
-        before_mm2 = tissue.area_mm2
         for kind in (Artefact.INK, Artefact.FOLD):
             area = float(np.count_nonzero((qc_map.labels == kind) & tissue.mask)) * (tissue.mpp / 1000.0) ** 2
             if area > 0:
                 qc[kind.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
         if qc:
             tissue = dataclasses.replace(tissue, mask=tissue.mask & ~qc_map.mask)
-            usable = tissue.area_mm2 / before_mm2 if before_mm2 > 0 else 0.0
-            log.info(
-                "%s: quality control left out %s",
-                slide.path,
-                ", ".join(f"{k} {v['area_mm2']:.3f} mm²" for k, v in qc.items()),
-            )
-            if usable < settings.qc.min_usable_fraction:
-                qc_failed = (
-                    f"only {100 * usable:.0f}% of the tissue is usable after quality control ("
-                    + ", ".join(f"{k} {v['percent_of_tissue']:.0f}%" for k, v in qc.items())
-                    + "); the result is not valid"
-                )
     timings["tissue"] = time.perf_counter() - t
 
     mpp = slide.analysis_mpp(settings.nuclei.requested_pixel_size_um)
@@ -481,6 +472,7 @@ def analyse(
         if pool is not None:
             pool.shutdown()
     outputs = [o for part in done for o in part]
+    units_done = [c for i in range(len(blocks)) for c in blocks[i]]
     timings["tiles"] = time.perf_counter() - t
     for key in ("read", "deconvolution", "cells", "measure"):
         timings[f"tiles_{key}_cpu"] = float(sum(o["timings"][key] for o in outputs))
@@ -492,6 +484,53 @@ def analyse(
     cells = _concat_cells([o["cells"] for o in outputs])
     pixel_keys = np.concatenate([np.zeros(0, np.int64), *(o["pixel_keys"] for o in outputs)])
     pixel_counts = np.concatenate([np.zeros(0, np.int64), *(o["pixel_counts"] for o in outputs)])
+    if qc_map is not None:
+        # Out-of-focus regions: known only now, from the tiles; their cells and pixels leave the scores.
+        block = max(8, round(settings.qc.blur_block_um / mpp))
+        values = [o["focus"] for o in outputs]
+        out_of_focus = blurred(np.concatenate([v.ravel() for v in values]), settings.qc)
+        if out_of_focus.any():
+            height, width = tissue.mask.shape
+            blur = np.zeros((height, width), bool)
+            scale = mpp / tissue.mpp
+            start = 0
+            for (x, y, w, h), v in zip(units_done, values, strict=True):
+                bad = out_of_focus[start : start + v.size].reshape(v.shape)
+                start += v.size
+                for r, c in zip(*np.nonzero(bad), strict=True):
+                    y0, x0 = y + r * block, x + c * block
+                    y1, x1 = min(y + h, y0 + block), min(x + w, x0 + block)
+                    blur[int(y0 * scale) : int(np.ceil(y1 * scale)), int(x0 * scale) : int(np.ceil(x1 * scale))] = True
+            blur &= tissue.mask
+            # A defocused area spans several blocks; a lone dull block is texture, not blur.
+            _, pieces, piece_stats, _ = cv2.connectedComponentsWithStats(blur.astype(np.uint8), connectivity=4)
+            big = piece_stats[:, cv2.CC_STAT_AREA] >= 3 * (block * mpp / tissue.mpp) ** 2
+            big[0] = False
+            blur = big[pieces]
+            qc_map.labels[blur] = Artefact.BLUR
+            area = float(blur.sum()) * (tissue.mpp / 1000.0) ** 2
+            if area > 0:
+                qc[Artefact.BLUR.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
+            tissue = dataclasses.replace(tissue, mask=tissue.mask & ~blur)
+            rows = np.clip((cells["y_um"] / tissue.mpp).astype(np.int64), 0, height - 1)
+            cols = np.clip((cells["x_um"] / tissue.mpp).astype(np.int64), 0, width - 1)
+            keep = ~blur[rows, cols]
+            cells = {k: v[keep] for k, v in cells.items()}
+            in_focus = ~blur.ravel()[pixel_keys // 4]
+            pixel_keys, pixel_counts = pixel_keys[in_focus], pixel_counts[in_focus]
+    if qc:
+        usable = tissue.area_mm2 / before_mm2 if before_mm2 > 0 else 0.0
+        log.info(
+            "%s: quality control left out %s",
+            slide.path,
+            ", ".join(f"{k} {v['area_mm2']:.3f} mm²" for k, v in qc.items()),
+        )
+        if usable < settings.qc.min_usable_fraction:
+            qc_failed = (
+                f"only {100 * usable:.0f}% of the tissue is usable after quality control ("
+                + ", ".join(f"{k} {v['percent_of_tissue']:.0f}%" for k, v in qc.items())
+                + "); the result is not valid"
+            )
 
     t = time.perf_counter()
     if settings.segmentation.method == "model":

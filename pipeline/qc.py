@@ -14,8 +14,13 @@ tiles are chosen, so their cells are neither counted nor
 shown. The areas are reported per kind and as a share of the tissue; when the usable tissue falls
 under ``qc.min_usable_fraction`` of it the result is marked not valid (``QC_FAILED``).
 
-Not yet detected (open work): out-of-focus regions, bubbles and debris, over-exposure, absent
-counterstain.
+* **Out of focus**: per block of ``qc.blur_block_um`` (48 µm) of the scored tiles at the analysis
+  resolution, the energy of the grey image's Laplacian relative to its variance (:func:`focus`); a
+  block is blurred when that is under ``qc.blur_ratio`` of the slide's median, or under
+  ``qc.blur_floor`` (a slide out of focus everywhere). On the generator's defocused patches (σ 2.5 µm) the ratio is
+  0.05–0.08; on sharp real and synthetic tiles 0.3 or more.
+
+Not yet detected (open work): bubbles and debris, over-exposure, absent counterstain.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Artefact(IntEnum):
     NONE = 0
     INK = 1
     FOLD = 2
+    BLUR = 3
 
     @property
     def label(self) -> str:
@@ -88,3 +94,41 @@ def artefacts_from_rgb(rgb: np.ndarray, tissue: TissueMask, settings: QcSettings
         keep[0] = False
         labels[keep[pieces]] = kind
     return QcMap(labels=labels, mpp=tissue.mpp)
+
+
+#: Grey level above which a pixel is taken for glass when judging focus.
+GLASS_GREY = 225.0
+
+
+def focus(pixels: np.ndarray) -> float:
+    """Sharpness of an RGB region: mean squared Laplacian of its grey image over the grey image's
+    variance (NaN for a region too flat to judge, such as glass)."""
+    grey = cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_RGB2GRAY).astype(np.float32)
+    variance = float(grey.var())
+    # Too flat to judge, or mostly glass (whose edge against tissue is sharp whatever the focus).
+    if variance <= 4.0 or np.mean(grey > GLASS_GREY) > 0.5:
+        return float("nan")
+    laplacian = cv2.Laplacian(grey, cv2.CV_32F, ksize=1)
+    return float((laplacian * laplacian).mean() / variance)
+
+
+def focus_blocks(pixels: np.ndarray, block_px: int) -> np.ndarray:
+    """:func:`focus` of each ``block_px`` square of ``pixels`` (rows × columns; partial blocks at the
+    right and bottom edges included)."""
+    h, w = pixels.shape[:2]
+    rows, cols = -(-h // block_px), -(-w // block_px)
+    out = np.full((rows, cols), np.nan)
+    for r in range(rows):
+        for c in range(cols):
+            out[r, c] = focus(pixels[r * block_px : (r + 1) * block_px, c * block_px : (c + 1) * block_px])
+    return out
+
+
+def blurred(values: list[float] | np.ndarray, settings: QcSettings) -> np.ndarray:
+    """Which regions (their :func:`focus` values) are out of focus."""
+    f = np.asarray(values, np.float64)
+    if not settings.enabled or not np.isfinite(f).any():
+        return np.zeros(f.shape, bool)
+    median = float(np.nanmedian(f))
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(f) & ((f < settings.blur_ratio * median) | (f < settings.blur_floor))

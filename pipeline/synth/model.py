@@ -85,6 +85,8 @@ class SynthSpec(BaseModel):
     jpeg_quality: int = Field(90, ge=30, le=100)
     tile_size: int = Field(512, ge=64, le=4096)
     pen_strokes: int = Field(0, ge=0, le=20, description="green marker strokes drawn over the slide (QC artefact)")
+    blur_patches: int = Field(0, ge=0, le=20, description="out-of-focus discs (QC artefact)")
+    blur_sigma_um: float = Field(2.5, gt=0, le=4.0, description="defocus blur (Gaussian σ) inside the patches")
 
     @field_validator("tumour_classes", "stroma_classes")
     @classmethod
@@ -161,6 +163,7 @@ class SlideModel:
         self.stain_matrix, self.dab_scale = self._staining(rng)
         self._thr_tumour, self._thr_fat = thresholds if thresholds is not None else self._calibrate()
         self.pen = self._pen_strokes(np.random.default_rng([spec.seed, 9]))
+        self.blur = self._blur_patches(np.random.default_rng([spec.seed, 10]))
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -253,6 +256,30 @@ class SlideModel:
             d = np.hypot(x_um - (x0 + t * vx), y_um - (y0 + t * vy))
             ink = np.maximum(ink, np.clip((half - d) / 3.0 + 0.5, 0.0, 1.0))
         return ink
+
+    def _blur_patches(self, rng: np.random.Generator) -> np.ndarray:
+        """Out-of-focus discs ``(x, y, radius)`` in µm, over the slide's inner part."""
+        side = min(self.width_um, self.height_um)
+        patches = [
+            (
+                rng.uniform(0.2, 0.8) * self.width_um,
+                rng.uniform(0.2, 0.8) * self.height_um,
+                rng.uniform(0.12, 0.2) * side,
+            )
+            for _ in range(self.spec.blur_patches)
+        ]
+        return np.asarray(patches, np.float64).reshape(-1, 3)
+
+    def blur_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Whether the points lie in an out-of-focus patch."""
+        out = np.zeros(np.shape(x_um), bool)
+        for cx, cy, r in self.blur:
+            out |= np.hypot(x_um - cx, y_um - cy) <= r
+        return out
+
+    def truth_blur(self) -> np.ndarray:
+        """Out-of-focus patches on the truth grid."""
+        return np.concatenate([self.blur_at(xx, yy) for xx, yy in self._truth_rows()], axis=0)
 
     def truth_ink(self) -> np.ndarray:
         """Where marker ink covers the slide (ink density ≥ 0.5) on the truth grid."""

@@ -72,6 +72,12 @@ def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> R
     if sigma_px > 0.2:
         conc_h = ndimage.gaussian_filter(conc_h, sigma_px)
         conc_d = ndimage.gaussian_filter(conc_d, sigma_px)
+    if spec.blur_patches:
+        defocus = model.blur_at(xx, yy)
+        if defocus.any():
+            sigma = spec.blur_sigma_um / mpp  # the tile's margin (14 µm) holds the blur's reach
+            conc_h = np.where(defocus, ndimage.gaussian_filter(conc_h, sigma), conc_h)
+            conc_d = np.where(defocus, ndimage.gaussian_filter(conc_d, sigma), conc_d)
     conc = np.stack([conc_h[core], conc_d[core]], axis=-1)
     od = conc @ model.stain_matrix
     if spec.pen_strokes:
