@@ -127,7 +127,7 @@ def test_out_of_focus_patches_are_found_and_left_out(defocused: dict[str, tuple[
     found, real = q.labels == Artefact.BLUR, truth[rows, cols]
     tissue = result.tissue.mask | found
     iou = ((found & real & tissue).sum()) / ((found | real) & tissue).sum()
-    assert iou >= 0.75  # 0.79 here, 0.81 on the 4096² slide: 48 µm blocks on a disc's rim
+    assert iou >= 0.8  # 48 µm blocks on a disc's rim
     scored = np.isin(result.cells["compartment"], (1, 2))
     r = (result.cells["y_um"][scored] / step).astype(int).clip(0, truth.shape[0] - 1)
     c = (result.cells["x_um"][scored] / step).astype(int).clip(0, truth.shape[1] - 1)
