@@ -103,7 +103,10 @@ def write_results(
     if isinstance(slide, DicomWsiSlide):
         volumes = read_headers(slide.files)
         segs = build_segmentations(
-            result.compartments, volumes, series_description=f"{result.profile} tumour and stroma (automated)"
+            result.compartments,
+            volumes,
+            series_description=f"{result.profile} tumour and stroma (automated)",
+            qc_map=result.qc_map,
         )
         written.dicom["seg"] = [save(seg, out_dir) for seg in segs]
         report = build_measurement_report(result, volumes, segs[0], previous=previous.get("sr", ()))

@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from config.product import SOFTWARE_NAME, software_version
 from dicom_io.wsi_reader import WSI_SOP_CLASS
+from pipeline.qc import Artefact, QcMap
 from pipeline.segmentation import STROMA, TUMOUR, CompartmentMap
 
 log = logging.getLogger(__name__)
@@ -80,19 +81,22 @@ def level_mpp(ds: pydicom.Dataset) -> float:
 
 
 def labels_on_level(compartments: CompartmentMap, ds: pydicom.Dataset) -> np.ndarray:
-    """The compartment map sampled at the pixel centres of a source level (fat/background outside it).
+    """The compartment map sampled at the pixel centres of a source level (fat/background outside it)."""
+    return sample_on_level(compartments.labels, compartments.mpp, ds)
 
-    Rows and columns are looked up separately (the map is axis-aligned), so
-    the memory is that of the result only.
-    """
+
+def sample_on_level(labels: np.ndarray, labels_mpp: float, ds: pydicom.Dataset) -> np.ndarray:
+    """A label map (``labels_mpp`` µm/px from the slide's origin) sampled at the pixel centres of a
+    source level, 0 outside it. Rows and columns are looked up separately (the map is axis-aligned),
+    so the memory is that of the result only."""
     rows, cols = int(ds.TotalPixelMatrixRows), int(ds.TotalPixelMatrixColumns)
     mpp = level_mpp(ds)
-    h, w = compartments.labels.shape
-    r = np.floor((np.arange(rows) + 0.5) * mpp / compartments.mpp).astype(np.int64)
-    c = np.floor((np.arange(cols) + 0.5) * mpp / compartments.mpp).astype(np.int64)
+    h, w = labels.shape
+    r = np.floor((np.arange(rows) + 0.5) * mpp / labels_mpp).astype(np.int64)
+    c = np.floor((np.arange(cols) + 0.5) * mpp / labels_mpp).astype(np.int64)
     out = np.zeros((rows, cols), np.uint8)
     rin, cin = r < h, c < w
-    out[np.ix_(rin, cin)] = compartments.labels[np.ix_(r[rin], c[cin])]
+    out[np.ix_(rin, cin)] = labels[np.ix_(r[rin], c[cin])]
     return out
 
 
@@ -101,26 +105,41 @@ def choose_level(volumes: list[pydicom.Dataset], map_mpp: float) -> int:
     return int(np.argmin([abs(np.log(level_mpp(ds) / map_mpp)) for ds in volumes]))
 
 
+#: Quality-control areas as segments: category (SCT 260787004) Physical object (CID 7150), type
+#: (DCM 111207) Image artifact(s); one segment per kind found, labelled "QC ink" and so on.
+QC_CATEGORY = hd.sr.CodedConcept("260787004", "SCT", "Physical object")
+QC_TYPE = hd.sr.CodedConcept("111207", "DCM", "Image artifact(s)")
+QC_COLOUR_LAB = (60000, 32768, 32768)  # near white: drawn as a pale veil over what was left out
+
+
 def build_segmentations(
     compartments: CompartmentMap,
     volumes: list[pydicom.Dataset],
     series_number: int = 100,
     series_description: str = "Tumour and stroma (automated)",
+    qc_map: QcMap | None = None,
 ) -> list[hd.seg.Segmentation]:
-    """A pyramid of SEG instances for the tumour and stroma segments (one series)."""
-    segs = _build_segmentations(compartments, volumes, series_number)
+    """A pyramid of SEG instances for the tumour and stroma segments (one series), and a segment
+    for each kind of area quality control left out (``qc_map``)."""
+    segs = _build_segmentations(compartments, volumes, series_number, qc_map)
     for seg in segs:
         seg.SeriesDescription = series_description[:64]
     return segs
 
 
 def _build_segmentations(
-    compartments: CompartmentMap, volumes: list[pydicom.Dataset], series_number: int
+    compartments: CompartmentMap, volumes: list[pydicom.Dataset], series_number: int, qc_map: QcMap | None
 ) -> list[hd.seg.Segmentation]:
     start = choose_level(volumes, compartments.mpp)
     base = volumes[start]
     labels = labels_on_level(compartments, base)
-    mask = np.stack([labels == s.label for s in SEGMENTS], axis=-1).astype(np.uint8)
+    planes = [labels == s.label for s in SEGMENTS]
+    qc_kinds: list[Artefact] = []
+    if qc_map is not None and qc_map.mask.any():
+        qc_labels = sample_on_level(qc_map.labels, qc_map.mpp, base)
+        qc_kinds = [kind for kind in (Artefact.INK, Artefact.FOLD, Artefact.BLUR) if (qc_labels == kind).any()]
+        planes += [qc_labels == kind for kind in qc_kinds]
+    mask = np.stack(planes, axis=-1).astype(np.uint8)
     family = (
         codes.cid7162.ArtificialIntelligence
         if compartments.method.startswith("model")
@@ -144,6 +163,23 @@ def _build_segmentations(
             tracking_uid=hd.UID(),
         )
         for i, s in enumerate(SEGMENTS)
+    ]
+    qc_algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"{SOFTWARE_NAME} quality control", version=software_version(), family=codes.cid7162.EdgeDetection
+    )
+    descriptions += [
+        hd.seg.SegmentDescription(
+            segment_number=len(SEGMENTS) + i + 1,
+            segment_label=f"QC {kind.label}",
+            segmented_property_category=QC_CATEGORY,
+            segmented_property_type=QC_TYPE,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=qc_algorithm,
+            display_color=hd.color.CIELabColor(*_lab(QC_COLOUR_LAB)),
+            tracking_id=f"QC {kind.label}",
+            tracking_uid=hd.UID(),
+        )
+        for i, kind in enumerate(qc_kinds)
     ]
     sources = volumes[start:]
     tile = int(base.Columns)

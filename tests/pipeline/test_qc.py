@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
 from adapter.synth import SynthOutput, generate
 from config.settings import QcSettings, load_settings
 from dicom_io import open_slide
+from dicom_io.results import write_results
+from dicom_io.seg import read_headers, sample_on_level
 from pipeline.analysis import SlideResult, analyse
 from pipeline.qc import Artefact, artefacts_from_rgb, detect_artefacts
 from pipeline.stains import StainMatrix
 from pipeline.synth import SynthSpec
 from pipeline.tissue import TissueMask, detect_tissue
-from tests.conftest import shared_file
+from tests.conftest import require_tool, shared_file
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +146,30 @@ def test_sharp_real_slides_are_not_called_blurred(name: str) -> None:
         result = analyse(s, load_settings("ki67", ["tiling.workers=1"]))
     left_out = sum(v["percent_of_tissue"] for v in result.qc.values())
     assert left_out <= 2.0, result.qc
+
+
+def test_qc_areas_are_segments_of_the_dicom_seg(tmp_path: Path) -> None:
+    """Ink left out by quality control is a SEG segment of its own (Physical object / Image
+    artifact(s)), drawn where the QC map says; the tumour and stroma segments and the SR stay as
+    they were; dciodvfy finds no error."""
+    slide = generate(SynthSpec(width=1536, height=1536, seed=52, pen_strokes=2), tmp_path / "s", formats=("dicom",))
+    assert slide.dicom_dir
+    with open_slide(slide.dicom_dir) as s:
+        result = analyse(s, load_settings("ki67", ["tiling.workers=1"]))
+        written = write_results(result, s, tmp_path / "out")
+    assert result.qc_map is not None and "ink" in result.qc
+    seg = pydicom.dcmread(written.dicom["seg"][0])
+    labels = [str(item.SegmentLabel) for item in seg.SegmentSequence]
+    assert labels == ["tumour", "stroma", "QC ink"]
+    qc_item = seg.SegmentSequence[2]
+    assert qc_item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "111207"
+    assert qc_item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "260787004"
+    volumes = read_headers(sorted(slide.dicom_dir.glob("*.dcm")))
+    level = next(v for v in volumes if v.SOPInstanceUID == seg.SourceImageSequence[0].ReferencedSOPInstanceUID)
+    expected = sample_on_level(result.qc_map.labels, result.qc_map.mpp, level) == Artefact.INK
+    pixels = hd.seg.Segmentation.from_dataset(seg).get_total_pixel_matrix(combine_segments=False)
+    assert np.array_equal(pixels[..., 2] > 0, expected)
+    require_tool("dciodvfy")
+    for path in written.dicom["seg"]:
+        out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True).stderr
+        assert not [line for line in out.splitlines() if line.startswith("Error")], out
