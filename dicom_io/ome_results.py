@@ -30,6 +30,7 @@ from ome_types.model import (
 )
 
 from pipeline.analysis import SlideResult
+from pipeline.qc import Artefact
 from pipeline.segmentation import CLASS_NAMES
 
 CELL_TABLE_COLUMNS = (
@@ -47,11 +48,23 @@ CELL_TABLE_COLUMNS = (
 )
 
 
+#: Quality-control areas in the label image: this offset plus the artefact's value (11 ink, 12 fold,
+#: 13 blur), named "qc_ink" and so on in the legend.
+QC_LABEL_OFFSET = 10
+
+
+def label_legend() -> dict[int, str]:
+    """Label value → name of the OME label image: the compartments and the QC areas."""
+    legend = {int(k): v for k, v in CLASS_NAMES.items()}
+    legend.update({QC_LABEL_OFFSET + int(a): f"qc_{a.label}" for a in Artefact if a is not Artefact.NONE})
+    return legend
+
+
 def label_ome_xml(name: str, width: int, height: int, mpp: float) -> str:
     annotation = MapAnnotation(
         id="Annotation:labels",
         namespace="ihc-adapter/labels",
-        value=Map(ms=[Map.M(k=str(k), value=v) for k, v in sorted(CLASS_NAMES.items())]),
+        value=Map(ms=[Map.M(k=str(k), value=v) for k, v in sorted(label_legend().items())]),
     )
     ome = OME(
         images=[
@@ -84,8 +97,16 @@ def label_ome_xml(name: str, width: int, height: int, mpp: float) -> str:
 
 
 def write_label_ome_tiff(result: SlideResult, path: Path) -> Path:
+    """The compartment map as a pyramidal OME-TIFF label image, with the areas quality control
+    left out as ``QC_LABEL_OFFSET`` + their artefact value."""
     labels = result.compartments.labels
     mpp = result.compartments.mpp
+    qc = result.qc_map
+    if qc is not None and qc.mask.any():
+        rows = np.minimum(((np.arange(labels.shape[0]) + 0.5) * mpp / qc.mpp).astype(np.int64), qc.labels.shape[0] - 1)
+        cols = np.minimum(((np.arange(labels.shape[1]) + 0.5) * mpp / qc.mpp).astype(np.int64), qc.labels.shape[1] - 1)
+        on_map = qc.labels[np.ix_(rows, cols)]
+        labels = np.where(on_map > 0, QC_LABEL_OFFSET + on_map, labels).astype(np.uint8)
     levels = [labels]
     while max(levels[-1].shape) > 256:
         levels.append(levels[-1][::2, ::2])

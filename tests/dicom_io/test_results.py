@@ -179,7 +179,15 @@ def test_ome_outputs_round_trip(ome_results: tuple[SlideResult, WrittenResults])
     assert np.array_equal(labels, result.compartments.labels)
     assert ome.images[0].pixels.physical_size_x == pytest.approx(result.compartments.mpp)
     names = {m.k: m.value for m in ome.structured_annotations.map_annotations[0].value.ms}
-    assert names == {"0": "fat_background", "1": "tumour", "2": "stroma", "3": "other"}
+    assert names == {
+        "0": "fat_background",
+        "1": "tumour",
+        "2": "stroma",
+        "3": "other",
+        "11": "qc_ink",
+        "12": "qc_fold",
+        "13": "qc_blur",
+    }
     with written.ome["cells"].open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(result.cells["x_um"])

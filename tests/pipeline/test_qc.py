@@ -10,6 +10,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+import tifffile
 from PIL import Image
 
 from adapter.synth import SynthOutput, generate
@@ -173,3 +174,21 @@ def test_qc_areas_are_segments_of_the_dicom_seg(tmp_path: Path) -> None:
     for path in written.dicom["seg"]:
         out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True).stderr
         assert not [line for line in out.splitlines() if line.startswith("Error")], out
+
+
+def test_qc_areas_in_the_ome_label_image(inked: dict[str, tuple[SynthOutput, SlideResult]], tmp_path: Path) -> None:
+    slide, result = inked["inked"]
+    assert slide.ome_tiff and result.qc_map is not None
+    with open_slide(slide.ome_tiff) as s:
+        written = write_results(result, s, tmp_path)
+    with tifffile.TiffFile(written.ome["labels"]) as tif:
+        labels = tif.pages[0].asarray()
+        legend = tif.ome_metadata or ""
+    assert "qc_ink" in legend
+    ink = labels == 10 + Artefact.INK
+    assert ink.any() and not (ink & np.isin(labels, (1, 2))).any()
+    mpp = result.compartments.mpp
+    rows, cols = np.nonzero(ink)
+    qc_rows = ((rows + 0.5) * mpp / result.qc_map.mpp).astype(int)
+    qc_cols = ((cols + 0.5) * mpp / result.qc_map.mpp).astype(int)
+    assert (result.qc_map.labels[qc_rows, qc_cols] == Artefact.INK).all()
