@@ -117,10 +117,20 @@ def write_results(
         written.dicom["ann"] = [save(build_annotations(result, volumes), out_dir)]
         outputs = result.settings.outputs
         if outputs.heatmap:
-            heatmap = build_heatmap(
-                result, volumes, outputs.heatmap_um, content_qualification=outputs.content_qualification
-            )
-            written.dicom["heatmap"] = [save(heatmap, out_dir)]
+            written.dicom["heatmap"] = [
+                save(
+                    build_heatmap(
+                        result,
+                        volumes,
+                        outputs.heatmap_um,
+                        series_number=500 + i,
+                        content_qualification=outputs.content_qualification,
+                        score=score,
+                    ),
+                    out_dir,
+                )
+                for i, score in enumerate(("h_score", "positive"))
+            ]
         kos = build_review_flag(result, report, volumes[0])
         if kos is not None:
             written.dicom["ko"] = [save(kos, out_dir)]

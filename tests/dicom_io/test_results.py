@@ -65,7 +65,7 @@ def test_dicom_set_is_complete_and_in_the_slides_study(
             assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
         assert path.parent.name == ds.SeriesInstanceUID and path.stem == ds.SOPInstanceUID
         series.add((ds.Modality, ds.SeriesInstanceUID))
-    assert len({uid for _, uid in series}) == 6  # a new series per object type
+    assert len({uid for _, uid in series}) == 7  # a new series per object type (and per heat map)
 
 
 def test_every_dicom_object_passes_dciodvfy(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
@@ -260,6 +260,26 @@ def test_alerts_are_qualitative_evaluations_a_reader_gets_back(
     items = slide[0].ContentSequence
     findings = [i for i in items if i.ConceptNameCodeSequence[0].CodeValue == "121071"]  # DCM Finding
     assert len(findings) == 1 and findings[0].ConceptCodeSequence[0].CodeValue == "85756007"  # Tissue
+
+
+def test_the_positive_percent_heatmap_holds_block_percentages(
+    dicom_results: tuple[SlideResult, WrittenResults],
+) -> None:
+    result, written = dicom_results
+    assert len(written.dicom["heatmap"]) == 2
+    pm = pydicom.dcmread(written.dicom["heatmap"][1])
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.LUTLabel == "POSPCT" and int(mapping.RealWorldValueLastValueMapped) == 101
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "%"
+    stored = hd.image.Image.from_dataset(pm, copy=False).get_total_pixel_matrix(apply_real_world_transform=False)
+    mpp = float(pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
+    block = result.settings.outputs.heatmap_um
+    blocks = block_scores(result, block, (stored.shape[1] * mpp, stored.shape[0] * mpp))["positive"]
+    for r, c in zip(*np.nonzero(np.isfinite(blocks)), strict=True):
+        row, col = int((r + 0.5) * block / mpp), int((c + 0.5) * block / mpp)
+        if row < stored.shape[0] and col < stored.shape[1]:
+            assert stored[row, col] == round(blocks[r, c]) + 1
+    assert pm.SeriesInstanceUID != pydicom.dcmread(written.dicom["heatmap"][0]).SeriesInstanceUID
 
 
 def test_heatmap_values_are_block_h_scores(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
