@@ -138,12 +138,20 @@ def estimate_macenko(
     ref_h, ref_d = reference.hematoxylin, reference.dab
     if angle_deg(v1, ref_h) + angle_deg(v2, ref_d) > angle_deg(v2, ref_h) + angle_deg(v1, ref_d):
         v1, v2 = v2, v1
-    ah, ad = angle_deg(v1, ref_h), angle_deg(v2, ref_d)
+    return _accepted(v1, v2, reference, max_angle_deg)
+
+
+def _accepted(h: np.ndarray, d: np.ndarray, reference: StainMatrix, max_angle_deg: float) -> tuple[StainMatrix, str]:
+    """The estimated vectors, or the reference (and why) when one lies more than ``max_angle_deg``
+    from its reference vector."""
+    ah, ad = angle_deg(h, reference.hematoxylin), angle_deg(d, reference.dab)
     if ah > max_angle_deg or ad > max_angle_deg:
         return reference, f"estimate {ah:.0f}°/{ad:.0f}° from the defaults; kept default vectors"
-    h = (float(v1[0]), float(v1[1]), float(v1[2]))
-    d = (float(v2[0]), float(v2[1]), float(v2[2]))
-    return StainMatrix(hematoxylin=h, dab=d), "estimated"
+    return StainMatrix(hematoxylin=_vector(h), dab=_vector(d)), "estimated"
+
+
+def _vector(v: np.ndarray) -> tuple[float, float, float]:
+    return (float(v[0]), float(v[1]), float(v[2]))
 
 
 def estimate_dominant(
@@ -172,14 +180,10 @@ def estimate_dominant(
         return reference, f"only {flat.shape[0]} stained pixels; kept default vectors"
     macenko, _ = estimate_macenko(od, reference, max_angle_deg=max_angle_deg)
     h, d = unit(macenko.hematoxylin), unit(reference.dab)
-    brown = np.zeros(flat.shape[0], bool)
     for _ in range(iterations):
         c = flat @ np.linalg.inv(np.stack([h, d, unit(np.cross(h, d))]))
         brown = (c[:, 1] > min_concentration) & (c[:, 1] > c[:, 0])
         if brown.sum() < 100:
             return reference, f"only {int(brown.sum())} DAB-dominated pixels; kept default vectors"
         d = unit(np.abs(np.median(flat[brown] - np.outer(np.maximum(c[brown, 0], 0), h), axis=0)))
-    ah, ad = angle_deg(h, reference.hematoxylin), angle_deg(d, reference.dab)
-    if ah > max_angle_deg or ad > max_angle_deg:
-        return reference, f"estimate {ah:.0f}°/{ad:.0f}° from the defaults; kept default vectors"
-    return StainMatrix(hematoxylin=tuple(float(v) for v in h), dab=tuple(float(v) for v in d)), "estimated"  # type: ignore[arg-type]
+    return _accepted(h, d, reference, max_angle_deg)
