@@ -103,14 +103,15 @@ def detect_tissue(slide: Slide, settings: TissueSettings, background: float = 25
 
 
 def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, background: float = 255.0) -> TissueMask:
-    mask, _ = _threshold(rgb, background, settings)
-    glass = _glass_rgb(rgb, mask)
+    od, first = _threshold(rgb, background, settings)
+    glass = _glass_rgb(rgb, od > first)
     if glass is None:
         glass = _flat_glass_rgb(rgb)
     if glass is not None:
-        mask, threshold = _threshold(rgb, glass, settings)
+        od, threshold = _threshold(rgb, glass, settings)
     else:
-        mask, threshold = _threshold(rgb, background, settings)
+        threshold = first
+    mask = od > threshold
     radius = round(settings.close_um / mpp)
     if radius > 0:
         # Padded so that the closing does not see the image edge as background.
@@ -122,7 +123,7 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, backg
         # The closing joins cells across pale gaps, and would also fill fat cells and lumina:
         # pieces as clear as glass (below min_od), at least a closing disk in area, stay holes,
         # with the one-pixel rim the blur of the low-resolution read gives them.
-        clear = (_od_sum(rgb, glass if glass is not None else background) < settings.min_od).view(np.uint8)
+        clear = (od < settings.min_od).view(np.uint8)
         n, pieces, stats, _ = cv2.connectedComponentsWithStats(clear, connectivity=4)
         if n > 1:
             big = stats[:, cv2.CC_STAT_AREA] >= disk.sum()
@@ -138,15 +139,12 @@ def tissue_from_rgb(rgb: np.ndarray, mpp: float, settings: TissueSettings, backg
     return TissueMask(mask=mask, mpp=mpp, threshold_od=threshold, glass_rgb=glass)
 
 
-def _od_sum(rgb: np.ndarray, white: float | tuple[float, float, float]) -> np.ndarray:
-    od = rgb_to_od(rgb, white)
-    return ndimage.gaussian_filter(od[..., 0] + od[..., 1] + od[..., 2], 1.0)
-
-
 def _threshold(
     rgb: np.ndarray, white: float | tuple[float, float, float], settings: TissueSettings
 ) -> tuple[np.ndarray, float]:
-    od = _od_sum(rgb, white)
+    """The smoothed OD sum against ``white`` and the tissue threshold on it."""
+    channels = rgb_to_od(rgb, white)
+    od = ndimage.gaussian_filter(channels[..., 0] + channels[..., 1] + channels[..., 2], 1.0)
     try:
         otsu = float(threshold_multiotsu(od, classes=3)[0])
     except ValueError:  # fewer than three grey levels
@@ -155,7 +153,7 @@ def _threshold(
         except ValueError:  # a constant image
             otsu = settings.min_od
     threshold = float(np.clip(otsu, settings.min_od, settings.max_od))
-    return od > threshold, threshold
+    return od, threshold
 
 
 def _glass_rgb(rgb: np.ndarray, tissue: np.ndarray) -> tuple[float, float, float] | None:
