@@ -145,14 +145,42 @@ def her2_category(membrane_class: np.ndarray, complete: np.ndarray, min_percent:
         "stained_percent": any_stained,
         "noise_floor_percent": min_percent,
     }
-    if complete_strong > 10:
-        return {"category": "3+", "zero_subtype": None, **detail}
-    if complete_weak_moderate + complete_strong > 10 or complete_strong >= max(min_percent, 1e-12):
-        return {"category": "2+", "zero_subtype": None, **detail}
-    if any_stained > 10:
-        return {"category": "1+", "zero_subtype": None, **detail}
-    ultralow = any_stained >= max(min_percent, 1e-12)
-    return {"category": "0", "zero_subtype": "ultralow" if ultralow else "null", **detail}
+    level = int(her2_levels(complete_strong, complete_weak_moderate, any_stained, min_percent))
+    category, zero_subtype = HER2_LEVELS[level]
+    return {"category": category, "zero_subtype": zero_subtype, **detail}
+
+
+#: (category, zero subtype) of each level :func:`her2_levels` returns, lowest first.
+HER2_LEVELS: tuple[tuple[str, str | None], ...] = (
+    ("0", "null"),
+    ("0", "ultralow"),
+    ("1+", None),
+    ("2+", None),
+    ("3+", None),
+)
+
+
+def her2_levels(
+    complete_strong: np.ndarray | float,
+    complete_weak_moderate: np.ndarray | float,
+    any_stained: np.ndarray | float,
+    min_percent: float,
+) -> np.ndarray:
+    """Index into :data:`HER2_LEVELS` from the percentages of tumour cells with complete intense,
+    complete weak-to-moderate and any membrane staining (the rules of :func:`her2_category`);
+    element-wise, so that resampled percentages are categorised in one call."""
+    tiny = max(min_percent, 1e-12)
+    strong = np.asarray(complete_strong)
+    return np.select(
+        [
+            strong > 10,
+            (np.asarray(complete_weak_moderate) + strong > 10) | (strong >= tiny),
+            np.asarray(any_stained) > 10,
+            np.asarray(any_stained) >= tiny,
+        ],
+        [4, 3, 2, 1],
+        0,
+    )
 
 
 def compartment_summary(classes: np.ndarray, area_mm2: float, pixel_counts: Counts | None = None) -> CompartmentSummary:

@@ -26,7 +26,7 @@ import numpy as np
 
 from config.settings import Settings
 from pipeline.labels import Compartment
-from pipeline.scoring import Alert, AlertCode, receptor_category
+from pipeline.scoring import HER2_LEVELS, Alert, AlertCode, her2_levels, receptor_category
 
 #: A slide with fewer blocks than this is cut into smaller ones (down to MIN_BLOCK_UM).
 MIN_BLOCKS = 25
@@ -76,20 +76,6 @@ def _interval(values: np.ndarray, confidence: float) -> tuple[float, float] | No
     return float(low), float(high)
 
 
-def _her2_categories(strong: np.ndarray, weak: np.ndarray, stained: np.ndarray, floor: float) -> np.ndarray:
-    """HER2 categories (as :func:`pipeline.scoring.her2_category`) from resampled percentages."""
-    tiny = max(floor, 1e-12)
-    return np.where(
-        strong > 10,
-        "3+",
-        np.where(
-            (weak + strong > 10) | (strong >= tiny),
-            "2+",
-            np.where(stained > 10, "1+", np.where(stained >= tiny, "0 (ultralow)", "0 (null)")),
-        ),
-    )
-
-
 def score_intervals(
     cells: dict[str, np.ndarray], dab: np.ndarray, scores: dict[str, Any], settings: Settings
 ) -> Uncertainty:
@@ -112,15 +98,14 @@ def score_intervals(
     cls = cells["intensity_class"][scored].astype(np.int64)
     # Per block: tumour and stroma cells by class, and the HER2 membrane populations of tumour cells.
     columns = np.where(tumour, 0, 4) + cls
-    table = np.zeros((n_blocks, 12))
+    table = np.zeros((n_blocks, 11))
     np.add.at(table, (block, columns), 1.0)
     membrane = cells["membrane_class"][scored].astype(np.int64)
     complete = cells["membrane_complete"][scored].astype(bool)
     stained = membrane >= 1
     np.add.at(table, (block, 8), (tumour & stained & complete & (membrane == 3)).astype(float))
     np.add.at(table, (block, 9), (tumour & stained & complete & (membrane < 3)).astype(float))
-    np.add.at(table, (block, 10), (tumour & stained).astype(float))
-    np.add.at(table, (block, 11), (tumour & (membrane >= 1)).astype(float))  # PD-L1 TPS numerator
+    np.add.at(table, (block, 10), (tumour & stained).astype(float))  # also the PD-L1 TPS numerator
     near = None
     if tumour.any():
         thresholds = np.asarray(
@@ -157,7 +142,7 @@ def score_intervals(
         resampled["positive_percent"] = resampled["tumour.positive_percent"]
     with np.errstate(invalid="ignore", divide="ignore"):
         if kind == "pdl1":
-            resampled["tps_percent"] = 100.0 * sums[:, 11] / n_tumour
+            resampled["tps_percent"] = 100.0 * sums[:, 10] / n_tumour
         strong, weak, any_stained = (100.0 * sums[:, k] / n_tumour for k in (8, 9, 10))
     for name, values in resampled.items():
         found = _interval(values, u.confidence)
@@ -198,7 +183,9 @@ def score_intervals(
                         f"the {conf} interval {low:.1f}–{high:.1f} % crosses the cut-off",
                     )
     if kind == "her2" and (scores.get("her2") or {}).get("category") is not None:
-        categories = _her2_categories(strong, weak, any_stained, settings.scores.her2_noise_floor_percent)
+        levels = her2_levels(strong, weak, any_stained, settings.scores.her2_noise_floor_percent)
+        labels = [category if subtype is None else f"{category} ({subtype})" for category, subtype in HER2_LEVELS]
+        categories = np.asarray(labels)[levels]
         support = {c: float(np.mean(categories == c)) for c in sorted(set(categories.tolist()))}
         reported = scores["her2"]["category"]
         if reported == "0":
