@@ -44,7 +44,7 @@ from pipeline.nuclei import (
     intensity_class,
     intensity_value,
 )
-from pipeline.qc import Artefact, QcMap, artefacts_from_rgb, blurred, focus_blocks
+from pipeline.qc import Artefact, QcMap, artefacts_from_rgb, blur_mask, focus_block_px, focus_blocks
 from pipeline.scoring import Alert, AlertCode, CompartmentSummary
 from pipeline.segmentation import (
     CLASS_NAMES,
@@ -281,9 +281,7 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
         "cells": cells,
         "pixel_keys": keys,
         "pixel_counts": counts,
-        "focus": focus_blocks(pixels[core_sl], max(8, round(s.qc.blur_block_um / mpp)))
-        if s.qc.enabled
-        else np.zeros((0, 0)),
+        "focus": focus_blocks(pixels[core_sl], focus_block_px(s.qc, mpp)) if s.qc.enabled else np.zeros((0, 0)),
         "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }
 
@@ -486,31 +484,12 @@ def analyse(
     pixel_counts = np.concatenate([np.zeros(0, np.int64), *(o["pixel_counts"] for o in outputs)])
     if qc_map is not None:
         # Out-of-focus regions: known only now, from the tiles; their cells and pixels leave the scores.
-        block = max(8, round(settings.qc.blur_block_um / mpp))
-        values = [o["focus"] for o in outputs]
-        out_of_focus = blurred(np.concatenate([v.ravel() for v in values]), settings.qc)
-        if out_of_focus.any():
-            height, width = tissue.mask.shape
-            blur = np.zeros((height, width), bool)
-            scale = mpp / tissue.mpp
-            start = 0
-            for (x, y, w, h), v in zip(units_done, values, strict=True):
-                bad = out_of_focus[start : start + v.size].reshape(v.shape)
-                start += v.size
-                for r, c in zip(*np.nonzero(bad), strict=True):
-                    y0, x0 = y + r * block, x + c * block
-                    y1, x1 = min(y + h, y0 + block), min(x + w, x0 + block)
-                    blur[int(y0 * scale) : int(np.ceil(y1 * scale)), int(x0 * scale) : int(np.ceil(x1 * scale))] = True
-            blur &= tissue.mask
-            # A defocused area spans several blocks; a lone dull block is texture, not blur.
-            _, pieces, piece_stats, _ = cv2.connectedComponentsWithStats(blur.astype(np.uint8), connectivity=4)
-            big = piece_stats[:, cv2.CC_STAT_AREA] >= 3 * (block * mpp / tissue.mpp) ** 2
-            big[0] = False
-            blur = big[pieces]
+        blur = blur_mask(units_done, [o["focus"] for o in outputs], mpp, tissue, settings.qc)
+        if blur.any():
+            height, width = blur.shape
             qc_map.labels[blur] = Artefact.BLUR
             area = float(blur.sum()) * (tissue.mpp / 1000.0) ** 2
-            if area > 0:
-                qc[Artefact.BLUR.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
+            qc[Artefact.BLUR.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
             tissue = dataclasses.replace(tissue, mask=tissue.mask & ~blur)
             rows = np.clip((cells["y_um"] / tissue.mpp).astype(np.int64), 0, height - 1)
             cols = np.clip((cells["x_um"] / tissue.mpp).astype(np.int64), 0, width - 1)

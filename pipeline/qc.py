@@ -27,6 +27,7 @@ Not yet detected (open work): bubbles and debris, over-exposure, absent counters
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -34,7 +35,6 @@ import cv2
 import numpy as np
 
 from config.settings import QcSettings
-from pipeline.slide import Slide
 from pipeline.stains import StainMatrix, stain_planes
 from pipeline.tissue import TissueMask
 
@@ -67,15 +67,9 @@ class QcMap:
         return float(np.count_nonzero(self.labels == kind)) * (self.mpp / 1000.0) ** 2
 
 
-def detect_artefacts(slide: Slide, tissue: TissueMask, settings: QcSettings, stains: StainMatrix) -> QcMap:
-    """Ink and folds over the tissue (and, for ink, wherever it lies on the slide); reads the slide
-    at the tissue mask's resolution (:func:`artefacts_from_rgb` takes a read already made)."""
-    grid = slide.grid(tissue.mpp, tile_size=1 << 30)
-    rgb, _ = slide.read_at_mpp(tissue.mpp, 0, 0, grid.width, grid.height)
-    return artefacts_from_rgb(rgb, tissue, settings, stains)
-
-
 def artefacts_from_rgb(rgb: np.ndarray, tissue: TissueMask, settings: QcSettings, stains: StainMatrix) -> QcMap:
+    """Ink and folds over the tissue (and, for ink, wherever it lies on the slide) on ``rgb``, the
+    low-resolution read the ``tissue`` mask was found on (:func:`pipeline.tissue.low_resolution`)."""
     h, w = tissue.mask.shape
     rgb = rgb[:h, :w]
     glass = np.asarray(tissue.glass_rgb or (255.0, 255.0, 255.0), np.float64)
@@ -117,6 +111,11 @@ def _block_sums(image: np.ndarray, block: int) -> np.ndarray:
     return padded.reshape(rows, block, cols, block).sum(axis=(1, 3), dtype=np.float64)
 
 
+def focus_block_px(settings: QcSettings, mpp: float) -> int:
+    """Side of a focus block (``qc.blur_block_um``) in pixels at ``mpp``; at least 8."""
+    return max(8, round(settings.blur_block_um / mpp))
+
+
 def focus_blocks(pixels: np.ndarray, block_px: int) -> np.ndarray:
     """Sharpness of each ``block_px`` square of an RGB region (rows × columns, partial blocks at
     the edges included): the mean squared Laplacian of the green channel (where both stains
@@ -148,3 +147,35 @@ def blurred(values: list[float] | np.ndarray, settings: QcSettings) -> np.ndarra
     median = float(np.nanmedian(f))
     with np.errstate(invalid="ignore"):
         return np.isfinite(f) & ((f < settings.blur_ratio * median) | (f < settings.blur_floor))
+
+
+def blur_mask(
+    regions: Sequence[tuple[int, int, int, int]],
+    focus: Sequence[np.ndarray],
+    mpp: float,
+    tissue: TissueMask,
+    settings: QcSettings,
+) -> np.ndarray:
+    """Out-of-focus tissue on the tissue grid, from the :func:`focus_blocks` of each analysed
+    region (x, y, width, height in pixels at ``mpp``): the blocks :func:`blurred` calls out of
+    focus across the whole slide, on tissue, in connected pieces of at least three blocks."""
+    blur = np.zeros(tissue.mask.shape, bool)
+    out_of_focus = blurred(np.concatenate([np.zeros(0), *(v.ravel() for v in focus)]), settings)
+    if not out_of_focus.any():
+        return blur
+    block = focus_block_px(settings, mpp)
+    scale = mpp / tissue.mpp
+    start = 0
+    for (x, y, w, h), v in zip(regions, focus, strict=True):
+        bad = out_of_focus[start : start + v.size].reshape(v.shape)
+        start += v.size
+        for r, c in zip(*np.nonzero(bad), strict=True):
+            y0, x0 = y + r * block, x + c * block
+            y1, x1 = min(y + h, y0 + block), min(x + w, x0 + block)
+            blur[int(y0 * scale) : int(np.ceil(y1 * scale)), int(x0 * scale) : int(np.ceil(x1 * scale))] = True
+    blur &= tissue.mask
+    # A defocused area spans several blocks; a lone dull block is texture, not blur.
+    _, pieces, stats, _ = cv2.connectedComponentsWithStats(blur.astype(np.uint8), connectivity=4)
+    big = stats[:, cv2.CC_STAT_AREA] >= 3 * (block * scale) ** 2
+    big[0] = False
+    return big[pieces]

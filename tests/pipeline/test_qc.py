@@ -19,35 +19,49 @@ from dicom_io import open_slide
 from dicom_io.results import write_results
 from dicom_io.seg import read_headers, sample_on_level
 from pipeline.analysis import SlideResult, analyse
-from pipeline.qc import Artefact, artefacts_from_rgb, detect_artefacts
+from pipeline.qc import Artefact, QcMap, artefacts_from_rgb
 from pipeline.stains import StainMatrix
 from pipeline.synth import SynthSpec
-from pipeline.tissue import TissueMask, detect_tissue
+from pipeline.tissue import TissueMask, low_resolution, tissue_from_rgb
 from tests.conftest import require_tool, shared_file
 
+Twins = dict[str, tuple[SynthOutput, SlideResult]]
 
-@pytest.fixture(scope="module")
-def inked(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[SynthOutput, SlideResult]]:
-    """One slide with three marker strokes and its clean twin (the same cells, no ink)."""
-    root = Path(tmp_path_factory.mktemp("qc"))
+
+def _analysed_twins(root: Path, specs: dict[str, SynthSpec]) -> Twins:
+    """Each spec generated as OME-TIFF under ``root`` and analysed with the ki67 profile."""
     out = {}
-    for name, strokes in (("inked", 3), ("clean", 0)):
-        slide = generate(
-            SynthSpec(width=2048, height=2048, seed=51, pen_strokes=strokes), root / name, formats=("ome",)
-        )
+    for name, spec in specs.items():
+        slide = generate(spec, root / name, formats=("ome",))
         assert slide.ome_tiff
         with open_slide(slide.ome_tiff) as s:
             out[name] = (slide, analyse(s, load_settings("ki67", ["tiling.workers=1"])))
     return out
 
 
-def test_marker_ink_is_found_where_the_generator_drew_it(inked: dict[str, tuple[SynthOutput, SlideResult]]) -> None:
+@pytest.fixture(scope="module")
+def inked(tmp_path_factory: pytest.TempPathFactory) -> Twins:
+    """One slide with three marker strokes and its clean twin (the same cells, no ink)."""
+    specs = {
+        name: SynthSpec(width=2048, height=2048, seed=51, pen_strokes=n) for name, n in (("inked", 3), ("clean", 0))
+    }
+    return _analysed_twins(Path(tmp_path_factory.mktemp("qc")), specs)
+
+
+def _tissue_and_qc(path: Path) -> tuple[TissueMask, QcMap]:
+    """Tissue and the ink/fold map of a slide with the ki67 profile, from one low-resolution read
+    as :func:`pipeline.analysis.analyse` does."""
+    settings = load_settings("ki67")
+    with open_slide(path) as s:
+        low, mpp = low_resolution(s, settings.tissue)
+    tissue = tissue_from_rgb(low, mpp, settings.tissue)
+    return tissue, artefacts_from_rgb(low, tissue, settings.qc, StainMatrix())
+
+
+def test_marker_ink_is_found_where_the_generator_drew_it(inked: Twins) -> None:
     slide, _ = inked["inked"]
     assert slide.ome_tiff
-    with open_slide(slide.ome_tiff) as s:
-        settings = load_settings("ki67")
-        tissue = detect_tissue(s, settings.tissue)
-        qc = detect_artefacts(s, tissue, settings.qc, StainMatrix())
+    _, qc = _tissue_and_qc(slide.ome_tiff)
     truth = np.array(Image.open(slide.truth_dir / "ink.png")) > 0
     step = slide.truth["truth_step_px"] * 0.5
     yy, xx = np.indices(qc.labels.shape)
@@ -57,7 +71,7 @@ def test_marker_ink_is_found_where_the_generator_drew_it(inked: dict[str, tuple[
     assert (real & found).sum() / (real | found).sum() >= 0.8
 
 
-def test_inked_cells_are_left_out_and_the_score_holds(inked: dict[str, tuple[SynthOutput, SlideResult]]) -> None:
+def test_inked_cells_are_left_out_and_the_score_holds(inked: Twins) -> None:
     slide, result = inked["inked"]
     _, clean = inked["clean"]
     truth = np.array(Image.open(slide.truth_dir / "ink.png")) > 0
@@ -76,7 +90,7 @@ def test_inked_cells_are_left_out_and_the_score_holds(inked: dict[str, tuple[Syn
     )
 
 
-def test_too_little_usable_tissue_is_not_valid(inked: dict[str, tuple[SynthOutput, SlideResult]]) -> None:
+def test_too_little_usable_tissue_is_not_valid(inked: Twins) -> None:
     slide, _ = inked["inked"]
     assert slide.ome_tiff
     with open_slide(slide.ome_tiff) as s:
@@ -99,28 +113,20 @@ def test_a_fold_absorbs_in_both_stains() -> None:
 
 @pytest.mark.parametrize("name", ["OS-2-vsi.ome.tif", "OS-1-detail.ome.tif", "cmu_small_region.svs"])
 def test_clean_real_slides_lose_at_most_two_percent(name: str) -> None:
-    with open_slide(shared_file(name)) as s:
-        settings = load_settings("ki67")
-        tissue = detect_tissue(s, settings.tissue)
-        qc = detect_artefacts(s, tissue, settings.qc, StainMatrix())
+    tissue, qc = _tissue_and_qc(shared_file(name))
     assert (qc.mask & tissue.mask).sum() <= 0.02 * tissue.mask.sum()
 
 
 @pytest.fixture(scope="module")
-def defocused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[SynthOutput, SlideResult]]:
+def defocused(tmp_path_factory: pytest.TempPathFactory) -> Twins:
     """A slide with two out-of-focus patches (σ 2.5 µm) and its sharp twin."""
-    root = Path(tmp_path_factory.mktemp("blur"))
-    out = {}
-    for name, patches in (("blurred", 2), ("sharp", 0)):
-        spec = SynthSpec(width=3072, height=3072, seed=61, blur_patches=patches)
-        slide = generate(spec, root / name, formats=("ome",))
-        assert slide.ome_tiff
-        with open_slide(slide.ome_tiff) as s:
-            out[name] = (slide, analyse(s, load_settings("ki67", ["tiling.workers=1"])))
-    return out
+    specs = {
+        name: SynthSpec(width=3072, height=3072, seed=61, blur_patches=n) for name, n in (("blurred", 2), ("sharp", 0))
+    }
+    return _analysed_twins(Path(tmp_path_factory.mktemp("blur")), specs)
 
 
-def test_out_of_focus_patches_are_found_and_left_out(defocused: dict[str, tuple[SynthOutput, SlideResult]]) -> None:
+def test_out_of_focus_patches_are_found_and_left_out(defocused: Twins) -> None:
     slide, result = defocused["blurred"]
     _, sharp = defocused["sharp"]
     assert result.qc_map is not None and sharp.qc == {}
@@ -176,7 +182,7 @@ def test_qc_areas_are_segments_of_the_dicom_seg(tmp_path: Path) -> None:
         assert not [line for line in out.splitlines() if line.startswith("Error")], out
 
 
-def test_qc_areas_in_the_ome_label_image(inked: dict[str, tuple[SynthOutput, SlideResult]], tmp_path: Path) -> None:
+def test_qc_areas_in_the_ome_label_image(inked: Twins, tmp_path: Path) -> None:
     slide, result = inked["inked"]
     assert slide.ome_tiff and result.qc_map is not None
     with open_slide(slide.ome_tiff) as s:
