@@ -20,6 +20,7 @@ from dicom_io.jpeg_colour import ColourModel, declared_model, parse_header
 from dicom_io.pyramid import PyramidBuilder
 from dicom_io.tiff_writer import write_svs
 from tests.conftest import shared_file
+from tests.dicom_io.conftest import write_jpeg_tiled_tiff
 from tests.icc import gamma_profile
 
 
@@ -101,18 +102,7 @@ def test_a_tiff_tagged_rgb_over_ycbcr_tiles_without_jfif_is_decoded_as_ycbcr(tmp
         for y in range(0, 512, 256)
         for x in range(0, 512, 256)
     ]
-    path = tmp_path / "mislabelled.tif"
-    tifffile.imwrite(
-        path,
-        data=iter(tiles),
-        shape=(512, 512, 3),
-        dtype=np.uint8,
-        tile=(256, 256),
-        photometric="rgb",
-        compression=7,
-        resolution=(1e4 / 0.5, 1e4 / 0.5),
-        resolutionunit="CENTIMETER",
-    )
+    path = write_jpeg_tiled_tiff(tmp_path / "mislabelled.tif", tiles, 512, 512, "rgb")
     with tifffile.TiffFile(path, mode="r+b") as tif:
         tif.pages[0].tags["PhotometricInterpretation"].overwrite(2)  # says RGB over YCbCr tiles
     with tifffile.TiffFile(path) as tif:  # what decoding "as the tag says" gives

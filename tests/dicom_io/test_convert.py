@@ -13,6 +13,7 @@ from adapter.synth import SynthOutput
 from config.errors import ConfigError
 from dicom_io import open_slide
 from dicom_io.convert import convert_to_dicom, identity_from_sidecar
+from tests.dicom_io.conftest import write_jpeg_tiled_tiff
 from tests.icc import gamma_profile
 
 
@@ -63,18 +64,7 @@ def test_convert_copies_jpeg_tiles_in_the_colour_model_they_hold(photometric: st
             if stream[2:4] == b"\xff\xe0":  # drop the JFIF marker: the TIFF tag says what the stream is
                 stream = stream[:2] + stream[4 + int.from_bytes(stream[4:6], "big") :]
             tiles.append(stream)
-    src = tmp_path / "src.tif"
-    tifffile.imwrite(
-        src,
-        data=iter(tiles),
-        shape=(512, 768, 3),
-        dtype=np.uint8,
-        tile=(256, 256),
-        photometric=photometric,
-        compression=7,
-        resolution=(2e4, 2e4),
-        resolutionunit="CENTIMETER",
-    )
+    src = write_jpeg_tiled_tiff(tmp_path / "src.tif", tiles, 512, 768, photometric)
     with open_slide(src) as slide:
         original = slide.read_region(0, 0, 0, *slide.size)
         files = convert_to_dicom(slide, tmp_path / "dcm", identity_from_sidecar(None, slide))
