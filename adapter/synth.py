@@ -189,6 +189,8 @@ def generate(
         Image.fromarray(model.truth_ink().astype(np.uint8) * 255).save(truth_dir / "ink.png")
     if spec.blur_patches:
         Image.fromarray(model.truth_blur().astype(np.uint8) * 255).save(truth_dir / "blur.png")
+    if spec.folds:
+        Image.fromarray(model.truth_fold().astype(np.uint8) * 255).save(truth_dir / "fold.png")
     truth = {
         "spec": spec.model_dump(),
         "truth_step_px": model.truth_step_px,

@@ -22,7 +22,12 @@ under ``qc.min_usable_fraction`` of it the result is marked not valid (``QC_FAIL
   patches with IoU 0.92 (4096² slide); no block of the real slides in ``../shared/data`` is
   called blurred.
 
-Not yet detected (open work): bubbles and debris, over-exposure, absent counterstain.
+Not yet detected (open work): bubbles and debris, over-exposure, absent counterstain, and folds
+over pale tissue. The generator's folds (``SynthSpec.folds``: the section lying twice, so twice
+the optical density) are pale where the tissue under them is, and the both-stains rule above finds
+none of them (two 3072² slides, seeds 71 and 72); a rule on local contrast (OD sum at least 1.6–2×
+the median of the tissue within 250 µm) found at most 10 % of them and called 10–12 % of the
+real, fold-free OS-2 tissue a fold, so it was not taken.
 """
 
 from __future__ import annotations

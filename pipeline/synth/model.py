@@ -87,6 +87,7 @@ class SynthSpec(BaseModel):
     pen_strokes: int = Field(0, ge=0, le=20, description="green marker strokes drawn over the slide (QC artefact)")
     blur_patches: int = Field(0, ge=0, le=20, description="out-of-focus discs (QC artefact)")
     blur_sigma_um: float = Field(2.5, gt=0, le=4.0, description="defocus blur (Gaussian σ) inside the patches")
+    folds: int = Field(0, ge=0, le=10, description="tissue folds: bands where the section lies twice (QC artefact)")
 
     @field_validator("tumour_classes", "stroma_classes")
     @classmethod
@@ -164,6 +165,7 @@ class SlideModel:
         self._thr_tumour, self._thr_fat = thresholds if thresholds is not None else self._calibrate()
         self.pen = self._pen_strokes(np.random.default_rng([spec.seed, 9]))
         self.blur = self._blur_patches(np.random.default_rng([spec.seed, 10]))
+        self.fold = self._folds(np.random.default_rng([spec.seed, 11]))
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -236,26 +238,47 @@ class SlideModel:
         return out
 
     # -- artefacts ------------------------------------------------------------
-    def _pen_strokes(self, rng: np.random.Generator) -> np.ndarray:
-        """Marker strokes as segments ``(x0, y0, x1, y1, half_width)`` in µm, over the tissue."""
-        strokes = []
-        for _ in range(self.spec.pen_strokes):
+    def _bands(self, rng: np.random.Generator, count: int, half_width_um: tuple[float, float]) -> np.ndarray:
+        """Straight bands as segments ``(x0, y0, x1, y1, half_width)`` in µm, over the slide's inner part."""
+        bands = []
+        for _ in range(count):
             cx, cy = rng.uniform(0.2, 0.8) * self.width_um, rng.uniform(0.2, 0.8) * self.height_um
             length = rng.uniform(0.15, 0.4) * min(self.width_um, self.height_um)
             angle = rng.uniform(0, np.pi)
             dx, dy = 0.5 * length * np.cos(angle), 0.5 * length * np.sin(angle)
-            strokes.append((cx - dx, cy - dy, cx + dx, cy + dy, rng.uniform(15.0, 30.0)))
-        return np.asarray(strokes, np.float64).reshape(-1, 5)
+            bands.append((cx - dx, cy - dy, cx + dx, cy + dy, rng.uniform(*half_width_um)))
+        return np.asarray(bands, np.float64).reshape(-1, 5)
 
-    def ink_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
-        """Marker ink density (0–1) at the points: 1 inside a stroke, falling off over 3 µm."""
-        ink = np.zeros(np.shape(x_um))
-        for x0, y0, x1, y1, half in self.pen:
+    @staticmethod
+    def _band_density(bands: np.ndarray, x_um: np.ndarray, y_um: np.ndarray, edge_um: float) -> np.ndarray:
+        """0–1 at the points: 1 inside a band, falling off over ``edge_um`` across its border."""
+        out = np.zeros(np.shape(x_um))
+        for x0, y0, x1, y1, half in bands:
             vx, vy = x1 - x0, y1 - y0
             t = np.clip(((x_um - x0) * vx + (y_um - y0) * vy) / (vx * vx + vy * vy), 0.0, 1.0)
             d = np.hypot(x_um - (x0 + t * vx), y_um - (y0 + t * vy))
-            ink = np.maximum(ink, np.clip((half - d) / 3.0 + 0.5, 0.0, 1.0))
-        return ink
+            out = np.maximum(out, np.clip((half - d) / edge_um + 0.5, 0.0, 1.0))
+        return out
+
+    def _pen_strokes(self, rng: np.random.Generator) -> np.ndarray:
+        """Marker strokes (:meth:`_bands`, 15–30 µm half-width)."""
+        return self._bands(rng, self.spec.pen_strokes, (15.0, 30.0))
+
+    def ink_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Marker ink density (0–1) at the points: 1 inside a stroke, falling off over 3 µm."""
+        return self._band_density(self.pen, x_um, y_um, 3.0)
+
+    def _folds(self, rng: np.random.Generator) -> np.ndarray:
+        """Folds (:meth:`_bands`, 40–90 µm half-width: the section turned over onto itself)."""
+        return self._bands(rng, self.spec.folds, (40.0, 90.0))
+
+    def fold_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Extra layers of tissue (0–1) at the points: 1 inside a fold, its crease 2 µm wide."""
+        return self._band_density(self.fold, x_um, y_um, 2.0)
+
+    def truth_fold(self) -> np.ndarray:
+        """Where the section lies twice (fold ≥ 0.5) on the truth grid; tissue or not."""
+        return np.concatenate([self.fold_at(xx, yy) >= 0.5 for xx, yy in self._truth_rows()], axis=0)
 
     def _blur_patches(self, rng: np.random.Generator) -> np.ndarray:
         """Out-of-focus discs ``(x, y, radius)`` in µm, over the slide's inner part."""

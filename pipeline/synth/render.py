@@ -68,6 +68,11 @@ def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> R
     if cells["x_um"].size:
         _paint_cells(model, cells, xx, yy, X0, Y0, conc_h, conc_d)
 
+    if spec.folds:
+        # A fold: the section turned over onto itself, so light crosses it twice.
+        layers = 1.0 + model.fold_at(xx, yy)
+        conc_h *= layers
+        conc_d *= layers
     sigma_px = 0.35 / mpp
     if sigma_px > 0.2:
         conc_h = ndimage.gaussian_filter(conc_h, sigma_px)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from scipy import ndimage
 
 from adapter.synth import SynthOutput, expected_scores
 from pipeline.labels import Compartment
@@ -154,3 +155,27 @@ def test_hard_cases_of_real_slides() -> None:
     # A scanner colour cast: glass is no longer neutral.
     cast = render_tile(SlideModel(SynthSpec(**base, colour_cast=(1.0, 0.94, 0.86))), 0, 0, 64, 64).pixels
     assert cast[0, 0, 0] - cast[0, 0, 2] > 25
+
+
+def test_a_fold_lays_the_tissue_twice_where_its_truth_says() -> None:
+    """Inside a fold the stains' optical density is twice that of the same tissue without it;
+    outside, the pixels are those of the fold-free twin."""
+    spec = SynthSpec(width=2048, height=2048, seed=73, noise_sigma=0, folds=1)
+    folded, flat = SlideModel(spec), SlideModel(spec.model_copy(update={"folds": 0}))
+    (x0, y0, x1, y1, half) = folded.fold[0]
+    assert 40.0 <= half <= 90.0
+    cx, cy = int((x0 + x1) / 2 / spec.mpp), int((y0 + y1) / 2 / spec.mpp)
+    a = render_tile(folded, cx - 256, cy - 256, 512, 512).pixels.astype(float)
+    b = render_tile(flat, cx - 256, cy - 256, 512, 512).pixels.astype(float)
+    xs = (cx - 256 + np.arange(512) + 0.5) * spec.mpp
+    xx, yy = np.meshgrid(xs, (cy - 256 + np.arange(512) + 0.5) * spec.mpp)
+    inside = folded.fold_at(xx, yy) == 1.0
+    outside = ~ndimage.binary_dilation(folded.fold_at(xx, yy) > 0, iterations=4)  # past the optics' blur
+    assert inside.sum() > 1000 and outside.sum() > 1000
+    od_a, od_b = (-np.log10(np.maximum(p, 1) / spec.background).sum(-1) for p in (a, b))
+    tissue = inside & (od_b > 0.1) & (od_a < 2.0)  # stained, and not clipped at black
+    assert np.median(od_a[tissue] / od_b[tissue]) == pytest.approx(2.0, abs=0.1)
+    assert np.abs(a[outside] - b[outside]).max() <= 1
+    truth = folded.truth_fold()
+    s = folded.truth_step_px
+    assert truth[int(cy / s), int(cx / s)] and truth.mean() < 0.2
