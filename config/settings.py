@@ -312,8 +312,18 @@ class UncertaintySettings(_Frozen):
 class OutputSettings(_Frozen):
     """Optional result objects."""
 
-    heatmap: bool = Field(False, description="also write a Parametric Map of local H-score")
-    heatmap_um: float = Field(128.0, gt=0, description="block size of the heatmap (µm)")
+    heatmap: bool = Field(
+        False,
+        description="also write the block scores (local H-score, % positive, % positive tumour cells, tumour "
+        "share, share left out by QC) as DICOM Parametric Maps, one series each (the PNG heat maps are always "
+        "written)",
+    )
+    heatmap_seg: bool = Field(
+        False,
+        description="also write the block scores as one banded SEG series (four bands per score) for viewers "
+        "that draw SEG but not Parametric Maps",
+    )
+    heatmap_um: float = Field(128.0, gt=0, description="block size of the heat maps (µm)")
     device_uid: str | None = Field(
         None,
         description="Device Observer UID of this installation in every SR and KOS (set it once per "

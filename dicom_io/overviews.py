@@ -1,12 +1,19 @@
 """PNG overviews next to the JSON: what a pathologist can look at to see why a slide scored as it did.
 
-* ``heatmap_h_score.png`` and ``heatmap_positive.png``: the H-score and the % of positive cells of
-  the tumour and stroma cells in each block of ``outputs.heatmap_um`` (128 µm), coloured with the
-  viridis map (H-score 0–300, % positive 0–100); blocks without cells are transparent.
+* ``heatmap_<score>.png``, one per :data:`BLOCK_SCORES` entry, per block of ``outputs.heatmap_um``
+  (128 µm), coloured with the viridis map from 0 to the score's top; blocks without cells (for the
+  tissue maps: without tissue) are transparent:
+
+  - ``h_score``: H-score of the tumour and stroma cells (0–300);
+  - ``positive``: % positive of the tumour and stroma cells;
+  - ``tumour_positive``: % positive of the tumour cells only (the Ki-67 index of a Ki-67 slide);
+  - ``tumour``: % of the block's tissue the compartment map calls tumour (the built-in
+    segmentation's decision, or a segmentation model's; its probabilities are not kept);
+  - ``qc``: % of the block's tissue quality control left out.
 * ``overview.png``: the slide's thumbnail with the tumour region outlined in red and the areas
   quality control left out in cyan.
 
-The same H-score blocks are the DICOM Parametric Map (``outputs.heatmap``).
+The same blocks are the DICOM Parametric Maps and banded SEG of :mod:`dicom_io.pm`.
 """
 
 from __future__ import annotations
@@ -24,22 +31,60 @@ from pipeline.slide import Slide
 MAX_SIDE = 1024
 
 
+#: The block scores and the top of their scales.
+BLOCK_SCORES = {"h_score": 300.0, "positive": 100.0, "tumour_positive": 100.0, "tumour": 100.0, "qc": 100.0}
+
+
+def _grid_share(part: np.ndarray, whole: np.ndarray, mpp: float, block_um: float, shape: tuple[int, int]) -> np.ndarray:
+    """Per block of a ``shape`` (rows, columns) grid: 100 × the pixels of ``part`` over those of
+    ``whole`` (boolean maps at ``mpp`` from the origin), NaN where ``whole`` has none."""
+    rows, cols = shape
+    by = np.minimum(((np.arange(whole.shape[0]) + 0.5) * mpp / block_um).astype(np.int64), rows - 1)
+    bx = np.minimum(((np.arange(whole.shape[1]) + 0.5) * mpp / block_um).astype(np.int64), cols - 1)
+    index = (by[:, None] * cols + bx[None, :]).ravel()
+    n = np.bincount(index, weights=whole.ravel().astype(np.float64), minlength=rows * cols)
+    k = np.bincount(index, weights=(part & whole).ravel().astype(np.float64), minlength=rows * cols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, 100.0 * k / n, np.nan).reshape(rows, cols)
+
+
 def block_scores(result: SlideResult, block_um: float, shape_um: tuple[float, float]) -> dict[str, np.ndarray]:
-    """Per block (rows × columns covering ``shape_um`` = width, height): H-score and % positive of
-    the scored cells, NaN where a block has none."""
+    """Per block (rows × columns covering ``shape_um`` = width, height), the :data:`BLOCK_SCORES`:
+    H-score and % positive of the scored cells and % positive of the tumour cells (NaN where a
+    block has none), and the % of its tissue that is tumour and that quality control left out (NaN
+    where a block has no tissue)."""
     cells = result.cells
-    keep = np.isin(cells["compartment"], (Compartment.TUMOUR, Compartment.STROMA))
     cols = max(1, int(np.ceil(shape_um[0] / block_um)))
     rows = max(1, int(np.ceil(shape_um[1] / block_um)))
-    bx = np.clip((cells["x_um"][keep] / block_um).astype(np.int64), 0, cols - 1)
-    by = np.clip((cells["y_um"][keep] / block_um).astype(np.int64), 0, rows - 1)
-    index = by * cols + bx
-    classes = cells["intensity_class"][keep].astype(np.float64)
-    n = np.bincount(index, minlength=rows * cols).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        h = 100.0 * np.bincount(index, weights=classes, minlength=rows * cols) / n
-        pos = 100.0 * np.bincount(index, weights=(classes > 0).astype(float), minlength=rows * cols) / n
-    return {"h_score": h.reshape(rows, cols), "positive": pos.reshape(rows, cols)}
+    bx = np.clip((cells["x_um"] / block_um).astype(np.int64), 0, cols - 1)
+    by = np.clip((cells["y_um"] / block_um).astype(np.int64), 0, rows - 1)
+    classes = cells["intensity_class"].astype(np.float64)
+    out: dict[str, np.ndarray] = {}
+    for name, which in (
+        ("scored", (Compartment.TUMOUR, Compartment.STROMA)),
+        ("tumour", (Compartment.TUMOUR,)),
+    ):
+        keep = np.isin(cells["compartment"], which)
+        index = by[keep] * cols + bx[keep]
+        n = np.bincount(index, minlength=rows * cols).astype(np.float64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            positive = np.bincount(index, weights=(classes[keep] > 0).astype(float), minlength=rows * cols) / n
+            if name == "scored":
+                h = np.bincount(index, weights=classes[keep], minlength=rows * cols) / n
+                out["h_score"] = 100.0 * h.reshape(rows, cols)
+                out["positive"] = 100.0 * positive.reshape(rows, cols)
+            else:
+                out["tumour_positive"] = 100.0 * positive.reshape(rows, cols)
+    comp = result.compartments
+    tissue = np.isin(comp.labels, (Compartment.TUMOUR, Compartment.STROMA, Compartment.OTHER))
+    out["tumour"] = _grid_share(comp.labels == Compartment.TUMOUR, tissue, comp.mpp, block_um, (rows, cols))
+    if result.qc_map is not None:
+        left_out = result.qc_map.mask
+        whole = left_out | result.tissue.mask[: left_out.shape[0], : left_out.shape[1]]
+        out["qc"] = _grid_share(left_out, whole, result.qc_map.mpp, block_um, (rows, cols))
+    else:
+        out["qc"] = np.full((rows, cols), np.nan)
+    return out
 
 
 def _colour(values: np.ndarray, top: float) -> np.ndarray:
@@ -61,7 +106,8 @@ def write_overviews(result: SlideResult, slide: Slide, out_dir: Path) -> dict[st
     block = result.settings.outputs.heatmap_um
     blocks = block_scores(result, block, shape_um)
     written: dict[str, Path] = {}
-    for name, values, top in (("h_score", blocks["h_score"], 300.0), ("positive", blocks["positive"], 100.0)):
+    for name, top in BLOCK_SCORES.items():
+        values = blocks[name]
         image = _colour(values, top)
         f = max(1, int(_scale(values.shape)))
         image = cv2.resize(image, None, fx=f, fy=f, interpolation=cv2.INTER_NEAREST)

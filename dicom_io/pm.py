@@ -1,10 +1,17 @@
-"""Parametric Maps: low-resolution heat maps of local H-score and % positive (explainability aid).
+"""Heat maps (explainability aid): Parametric Maps, and a banded SEG for viewers without PM support.
 
-The score of all scored cells in blocks of ``heatmap_um`` (:func:`dicom_io.overviews.block_scores`,
-the same blocks as the PNG overviews) is painted on the pixel grid of the same source level the SEG
-uses, so each map overlays the slide exactly; one series per score. Pixels are unsigned 16-bit
-integers (PACS serve these more reliably than float maps) with a real-world value mapping: score =
-value − 1 for stored values 1 and above; stored 0 (a block without cells) is not mapped.
+Each block score of :func:`dicom_io.overviews.block_scores` (blocks of ``heatmap_um``, the same
+blocks as the PNG overviews: local H-score, % positive, % positive tumour cells, tumour share of
+the tissue, share left out by quality control) is painted on the pixel grid of the same source
+level the SEG uses, so each map overlays the slide exactly; one PM series per score. Pixels are
+unsigned 16-bit integers (PACS serve these more reliably than float maps) with a real-world value
+mapping: score = value − 1 for stored values 1 and above; stored 0 (a block without cells, or
+without tissue) is not mapped.
+
+Viewers that draw SEG but not PM (OHIF's slide viewer, older Slim) get the same blocks as one
+BINARY SEG series (``outputs.heatmap_seg``): for each score, ``HEATMAP_BANDS`` segments covering
+equal parts of its scale ("positive 25–50 %" …), category SCT 85756007 *Tissue*, property type the
+score's own concept (as in the SR), coloured from blue (low) to red (high).
 """
 
 from __future__ import annotations
@@ -12,19 +19,59 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
 from config.product import SOFTWARE_NAME, software_version
-from dicom_io.overviews import block_scores
-from dicom_io.seg import choose_level, level_mpp
-from dicom_io.sr import H_SCORE, POSITIVE_PERCENT, declare_private_scheme
+from dicom_io.overviews import BLOCK_SCORES, block_scores
+from dicom_io.seg import build_label_pyramid, choose_level, level_mpp
+from dicom_io.sr import (
+    H_SCORE,
+    POSITIVE_PERCENT,
+    QC_EXCLUDED_PERCENT,
+    SCHEME,
+    TUMOUR_FRACTION,
+    declare_private_scheme,
+)
 from pipeline.analysis import SlideResult
 
-#: The scores a heat map can show: block value name, top of the scale, LUT label, quantity, unit.
+_PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
+
+#: The scores a heat map can show: block value name → LUT label, quantity, unit, what it is.
 HEATMAPS = {
-    "h_score": (300, "HSCORE", H_SCORE, hd.sr.CodedConcept("1", "UCUM", "no units"), "local H-score"),
-    "positive": (100, "POSPCT", POSITIVE_PERCENT, hd.sr.CodedConcept("%", "UCUM", "percent"), "local % positive"),
+    "h_score": ("HSCORE", H_SCORE, hd.sr.CodedConcept("1", "UCUM", "no units"), "local H-score"),
+    "positive": ("POSPCT", POSITIVE_PERCENT, _PERCENT, "local % positive"),
+    "tumour_positive": (
+        "TUMPOS",
+        hd.sr.CodedConcept("TUMOUR-POS-PCT", SCHEME, "Positive tumour cells percentage"),
+        _PERCENT,
+        "local % positive tumour cells",
+    ),
+    "tumour": ("TUMPCT", TUMOUR_FRACTION, _PERCENT, "local tumour % of tissue"),
+    "qc": ("QCPCT", QC_EXCLUDED_PERCENT, _PERCENT, "local % left out by QC"),
 }
+
+#: Segments per score in the banded SEG.
+HEATMAP_BANDS = 4
+
+#: Band colours from low to high.
+_BAND_COLOURS = ("blue", "cyan", "yellow", "red")
+
+
+def _long_string(text: str) -> str:
+    """``text`` cut to the 64 bytes (UTF-8, as the objects declare) a Long String holds."""
+    return text.encode("utf-8")[:64].decode("utf-8", errors="ignore")
+
+
+def _scores_on_level(result: SlideResult, level: pydicom.Dataset, block_um: float) -> dict[str, np.ndarray]:
+    """The block scores painted on ``level``'s pixel grid (NaN where a block has no value)."""
+    rows, cols = int(level.TotalPixelMatrixRows), int(level.TotalPixelMatrixColumns)
+    mpp = level_mpp(level)
+    blocks = block_scores(result, block_um, (cols * mpp, rows * mpp))
+    any_block = next(iter(blocks.values()))
+    ys = np.minimum(((np.arange(rows) + 0.5) * mpp / block_um).astype(np.int64), any_block.shape[0] - 1)
+    xs = np.minimum(((np.arange(cols) + 0.5) * mpp / block_um).astype(np.int64), any_block.shape[1] - 1)
+    return {name: values[np.ix_(ys, xs)] for name, values in blocks.items()}
 
 
 def build_heatmap(
@@ -35,22 +82,18 @@ def build_heatmap(
     content_qualification: str = "PRODUCT",
     score: str = "h_score",
 ) -> hd.pm.ParametricMap:
-    """A local score (``score``: ``h_score`` or ``positive``, per :data:`HEATMAPS`) of the scored
-    cells in ``block_um`` blocks as a Parametric Map on the source level nearest the compartment
-    map. Stored value = score + 1; 0 (no cells in the block) lies outside the real-world value
-    mapping, so a reader gets no value there rather than a fake score."""
-    top, lut_label, quantity, unit, what = HEATMAPS[score]
+    """A block score (``score``, one of :data:`HEATMAPS`) in ``block_um`` blocks as a Parametric
+    Map on the source level nearest the compartment map. Stored value = score + 1; 0 (no cells, or
+    no tissue, in the block) lies outside the real-world value mapping, so a reader gets no value
+    there rather than a fake score."""
+    lut_label, quantity, unit, what = HEATMAPS[score]
+    top = int(BLOCK_SCORES[score])
     level = volumes[choose_level(volumes, result.compartments.mpp)]
-    rows, cols = int(level.TotalPixelMatrixRows), int(level.TotalPixelMatrixColumns)
-    mpp = level_mpp(level)
-    blocks = block_scores(result, block_um, (cols * mpp, rows * mpp))[score]
-    ys = np.minimum(((np.arange(rows) + 0.5) * mpp / block_um).astype(np.int64), blocks.shape[0] - 1)
-    xs = np.minimum(((np.arange(cols) + 0.5) * mpp / block_um).astype(np.int64), blocks.shape[1] - 1)
-    values = blocks[np.ix_(ys, xs)]
+    values = _scores_on_level(result, level, block_um)[score]
     pixels = np.where(np.isnan(values), 0, np.rint(values) + 1).astype(np.uint16)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label=lut_label,
-        lut_explanation=f"{what} in {block_um:g} µm blocks; 0 = no cells (unmapped)",
+        lut_explanation=_long_string(f"{what}, {block_um:g} µm blocks; 0 = none (unmapped)"),
         unit=unit,
         value_range=(0, top + 1),  # highdicom wants every stored value in range; 0 is unmapped below
         slope=1,
@@ -85,3 +128,61 @@ def build_heatmap(
     pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].RealWorldValueFirstValueMapped = 1
     declare_private_scheme(pm)
     return pm
+
+
+def build_heatmap_bands(
+    result: SlideResult,
+    volumes: list[pydicom.Dataset],
+    scores: tuple[str, ...],
+    block_um: float = 128.0,
+    series_number: int = 550,
+) -> list[hd.seg.Segmentation]:
+    """The block ``scores`` as one banded SEG series (a pyramid like the compartment SEG's): for each
+    score :data:`HEATMAP_BANDS` segments, equal parts of its scale, the top band closed (a block at
+    the top of the scale is in it); blocks without a value are in no segment."""
+    start = choose_level(volumes, result.compartments.mpp)
+    on_level = _scores_on_level(result, volumes[start], block_um)
+    planes: list[np.ndarray] = []
+    descriptions: list[hd.seg.SegmentDescription] = []
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=f"{SOFTWARE_NAME} block scores", version=software_version(), family=codes.cid7162.NeighborhoodAnalysis
+    )
+    for score in scores:
+        lut_label, quantity, unit, what = HEATMAPS[score]
+        top = BLOCK_SCORES[score]
+        values = on_level[score]
+        for band in range(HEATMAP_BANDS):
+            low, high = top * band / HEATMAP_BANDS, top * (band + 1) / HEATMAP_BANDS
+            with np.errstate(invalid="ignore"):
+                inside = (values >= low) & ((values < high) | (band == HEATMAP_BANDS - 1))
+            planes.append(inside)
+            name = f"{lut_label} {low:g}-{high:g}{'' if unit.value == '1' else ' ' + unit.value}"
+            descriptions.append(
+                hd.seg.SegmentDescription(
+                    segment_number=len(descriptions) + 1,
+                    segment_label=name,
+                    segmented_property_category=codes.SCT.Tissue,
+                    segmented_property_type=quantity,
+                    algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                    algorithm_identification=algorithm,
+                    display_color=hd.color.CIELabColor.from_string(
+                        _BAND_COLOURS[band * len(_BAND_COLOURS) // HEATMAP_BANDS]
+                    ),
+                    tracking_id=name,
+                    tracking_uid=hd.UID(),
+                )
+            )
+            descriptions[-1].SegmentDescription = _long_string(f"{what} {low:g} to {high:g}, {block_um:g} µm blocks")
+    segs = build_label_pyramid(
+        np.stack(planes, axis=-1).astype(np.uint8),
+        descriptions,
+        volumes,
+        start,
+        series_number,
+        content_label="HEATMAP_BANDS",
+        content_description=f"{result.profile} block scores in bands",
+    )
+    for seg in segs:
+        seg.SeriesDescription = f"{result.profile} heat map bands (automated)"[:64]
+        declare_private_scheme(seg)
+    return segs

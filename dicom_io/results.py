@@ -23,7 +23,7 @@ from dicom_io.ann import build_annotations
 from dicom_io.ko import build_review_flag
 from dicom_io.ome_results import write_cell_table, write_json, write_label_ome_tiff
 from dicom_io.overviews import write_overviews
-from dicom_io.pm import build_heatmap
+from dicom_io.pm import HEATMAPS, build_heatmap, build_heatmap_bands
 from dicom_io.seg import build_segmentations, read_headers
 from dicom_io.sr import build_measurement_report, build_viewer_report
 from dicom_io.uids import is_uid
@@ -116,6 +116,8 @@ def write_results(
             written.dicom["viewer_sr"] = [save(viewer, out_dir)]
         written.dicom["ann"] = [save(build_annotations(result, volumes), out_dir)]
         outputs = result.settings.outputs
+        # The QC map only where quality control left something out.
+        scores = tuple(s for s in HEATMAPS if s != "qc" or result.qc)
         if outputs.heatmap:
             written.dicom["heatmap"] = [
                 save(
@@ -129,7 +131,11 @@ def write_results(
                     ),
                     out_dir,
                 )
-                for i, score in enumerate(("h_score", "positive"))
+                for i, score in enumerate(scores)
+            ]
+        if outputs.heatmap_seg:
+            written.dicom["heatmap_seg"] = [
+                save(seg, out_dir) for seg in build_heatmap_bands(result, volumes, scores, outputs.heatmap_um)
             ]
         kos = build_review_flag(result, report, volumes[0])
         if kos is not None:

@@ -158,7 +158,7 @@ def _build_segmentations(
             segmented_property_type=s.property_type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor(*_lab(s.colour_lab)),
+            display_color=hd.color.CIELabColor(*cielab(s.colour_lab)),
             tracking_id=s.name,
             tracking_uid=hd.UID(),
         )
@@ -175,14 +175,39 @@ def _build_segmentations(
             segmented_property_type=QC_TYPE,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=qc_algorithm,
-            display_color=hd.color.CIELabColor(*_lab(QC_COLOUR_LAB)),
+            display_color=hd.color.CIELabColor(*cielab(QC_COLOUR_LAB)),
             tracking_id=f"QC {kind.label}",
             tracking_uid=hd.UID(),
         )
         for i, kind in enumerate(qc_kinds)
     ]
+    return build_label_pyramid(
+        mask,
+        descriptions,
+        volumes,
+        start,
+        series_number,
+        content_label="TUMOUR_STROMA",
+        content_description="Tumour and stroma compartments",
+    )
+
+
+def build_label_pyramid(
+    mask: np.ndarray,
+    descriptions: list[hd.seg.SegmentDescription],
+    volumes: list[pydicom.Dataset],
+    start: int,
+    series_number: int,
+    content_label: str,
+    content_description: str,
+) -> list[hd.seg.Segmentation]:
+    """BINARY, TILED_SPARSE SEG instances of ``mask`` (rows × columns × segments, on the pixel grid
+    of ``volumes[start]``): one per source level from ``start`` down, or, where the slide has no
+    coarser level, a pyramid highdicom derives (one series)."""
     sources = volumes[start:]
+    base = volumes[start]
     tile = int(base.Columns)
+    common = _common(descriptions, series_number, tile, content_label, content_description)
     factors = None
     if len(sources) == 1:
         # No coarser source level: let highdicom derive coarser SEG levels itself.
@@ -195,18 +220,24 @@ def _build_segmentations(
                     pixel_array=mask[None],
                     sop_instance_uid=hd.UID(),
                     instance_number=1,
-                    **_common(descriptions, series_number, tile),
+                    **common,
                 )
             ]
     return hd.seg.create_segmentation_pyramid(
         source_images=sources,
         pixel_arrays=[mask[None]],
         downsample_factors=factors,
-        **_common(descriptions, series_number, tile),
+        **common,
     )
 
 
-def _common(descriptions: list[hd.seg.SegmentDescription], series_number: int, tile: int) -> dict:
+def _common(
+    descriptions: list[hd.seg.SegmentDescription],
+    series_number: int,
+    tile: int,
+    content_label: str,
+    content_description: str,
+) -> dict:
     """Arguments shared by single SEGs and SEG pyramids."""
     return dict(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -214,11 +245,11 @@ def _common(descriptions: list[hd.seg.SegmentDescription], series_number: int, t
         series_instance_uid=hd.UID(),
         series_number=series_number,
         manufacturer=SOFTWARE_NAME,
-        manufacturer_model_name=f"{SOFTWARE_NAME} tumour-stroma",
+        manufacturer_model_name=f"{SOFTWARE_NAME} {content_label.lower().replace('_', '-')}",
         software_versions=software_version(),
         device_serial_number="0",
-        content_label="TUMOUR_STROMA",
-        content_description="Tumour and stroma compartments",
+        content_label=content_label,
+        content_description=content_description,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
         omit_empty_frames=True,
@@ -226,7 +257,7 @@ def _common(descriptions: list[hd.seg.SegmentDescription], series_number: int, t
     )
 
 
-def _lab(scaled: tuple[int, int, int]) -> tuple[float, float, float]:
+def cielab(scaled: tuple[int, int, int]) -> tuple[float, float, float]:
     """DICOM 16-bit CIELab to L* a* b*."""
     L, a, b = scaled
     return L / 65535 * 100.0, a / 65535 * 255.0 - 128.0, b / 65535 * 255.0 - 128.0

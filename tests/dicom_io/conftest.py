@@ -22,7 +22,8 @@ def dicom_results(
 ) -> tuple[SlideResult, WrittenResults]:
     assert small_slide.dicom_dir
     with open_slide(small_slide.dicom_dir) as slide:
-        result = analyse(slide, load_settings("ki67", ["tiling.workers=1", "outputs.heatmap=true"]))
+        overrides = ["tiling.workers=1", "outputs.heatmap=true", "outputs.heatmap_seg=true"]
+        result = analyse(slide, load_settings("ki67", overrides))
         written = write_results(result, slide, tmp_path_factory.mktemp("results"))
     return result, written
 

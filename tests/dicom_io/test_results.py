@@ -53,7 +53,7 @@ def test_dicom_set_is_complete_and_in_the_slides_study(
 ) -> None:
     _, written = dicom_results
     # The small slide raises LITTLE_TISSUE, hence a review KOS.
-    assert set(written.dicom) == {"seg", "sr", "viewer_sr", "ann", "heatmap", "ko"}
+    assert set(written.dicom) == {"seg", "sr", "viewer_sr", "ann", "heatmap", "heatmap_seg", "ko"}
     assert small_slide.dicom_dir
     source = read_headers(sorted(small_slide.dicom_dir.glob("*.dcm")))[0]
     series = set()
@@ -65,7 +65,8 @@ def test_dicom_set_is_complete_and_in_the_slides_study(
             assert ds.FrameOfReferenceUID == source.FrameOfReferenceUID
         assert path.parent.name == ds.SeriesInstanceUID and path.stem == ds.SOPInstanceUID
         series.add((ds.Modality, ds.SeriesInstanceUID))
-    assert len({uid for _, uid in series}) == 7  # a new series per object type (and per heat map)
+    # A new series per object type and per Parametric Map (four: no QC map without artefacts).
+    assert len({uid for _, uid in series}) == 10
 
 
 def test_every_dicom_object_passes_dciodvfy(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
@@ -266,7 +267,7 @@ def test_the_positive_percent_heatmap_holds_block_percentages(
     dicom_results: tuple[SlideResult, WrittenResults],
 ) -> None:
     result, written = dicom_results
-    assert len(written.dicom["heatmap"]) == 2
+    assert len(written.dicom["heatmap"]) == 4  # H-score, % positive, % positive tumour cells, tumour share
     pm = pydicom.dcmread(written.dicom["heatmap"][1])
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
     assert mapping.LUTLabel == "POSPCT" and int(mapping.RealWorldValueLastValueMapped) == 101
@@ -280,6 +281,76 @@ def test_the_positive_percent_heatmap_holds_block_percentages(
         if row < stored.shape[0] and col < stored.shape[1]:
             assert stored[row, col] == round(blocks[r, c]) + 1
     assert pm.SeriesInstanceUID != pydicom.dcmread(written.dicom["heatmap"][0]).SeriesInstanceUID
+
+
+def _stored_and_mpp(path: Path) -> tuple[np.ndarray, float]:
+    pm = pydicom.dcmread(path)
+    stored = hd.image.Image.from_dataset(pm, copy=False).get_total_pixel_matrix(apply_real_world_transform=False)
+    return stored, float(pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
+
+
+def test_tumour_share_and_tumour_positive_maps(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    """The tumour-share map holds, per block, the % of the compartment map's tissue that is tumour;
+    the tumour-positive map the % positive of the tumour cells alone (counted here from the cells)."""
+    result, written = dicom_results
+    labels = [
+        pydicom.dcmread(p).SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTLabel
+        for p in written.dicom["heatmap"]
+    ]
+    assert labels == ["HSCORE", "POSPCT", "TUMPOS", "TUMPCT"]
+    block = result.settings.outputs.heatmap_um
+    stored, mpp = _stored_and_mpp(written.dicom["heatmap"][3])
+    comp = result.compartments
+    f = round(block / comp.mpp)
+    checked = 0
+    for r in range(comp.labels.shape[0] // f):
+        for c in range(comp.labels.shape[1] // f):
+            part = comp.labels[r * f : (r + 1) * f, c * f : (c + 1) * f]
+            tissue = np.isin(part, (1, 2, 3)).sum()
+            row, col = int((r + 0.5) * block / mpp), int((c + 0.5) * block / mpp)
+            expected = 0 if tissue == 0 else round(100.0 * (part == 1).sum() / tissue) + 1
+            assert stored[row, col] == expected, (r, c)
+            checked += tissue > 0
+    assert checked >= 3
+    stored, mpp = _stored_and_mpp(written.dicom["heatmap"][2])
+    cells = result.cells
+    tumour = cells["compartment"] == 1
+    bx, by = (cells["x_um"] // block).astype(int), (cells["y_um"] // block).astype(int)
+    for x, y in sorted(set(zip(bx[tumour], by[tumour], strict=True))):
+        sel = tumour & (bx == x) & (by == y)
+        row, col = int((y + 0.5) * block / mpp), int((x + 0.5) * block / mpp)
+        if row < stored.shape[0] and col < stored.shape[1]:
+            assert stored[row, col] == round(100.0 * (cells["intensity_class"][sel] > 0).mean()) + 1
+
+
+def test_banded_seg_puts_each_block_in_its_band(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
+    """For viewers without Parametric Maps: one SEG series, four bands per score; a block lies in
+    exactly the band of its value and blocks without cells in none."""
+    result, written = dicom_results
+    segs = [pydicom.dcmread(p) for p in written.dicom["heatmap_seg"]]
+    assert len({ds.SeriesInstanceUID for ds in segs}) == 1
+    finest = max(segs, key=lambda ds: int(ds.TotalPixelMatrixColumns))
+    labels = [str(item.SegmentLabel) for item in finest.SegmentSequence]
+    assert len(labels) == 16 and labels[4:8] == ["POSPCT 0-25 %", "POSPCT 25-50 %", "POSPCT 50-75 %", "POSPCT 75-100 %"]
+    assert (
+        labels[0] == "HSCORE 0-75"
+        and finest.SegmentSequence[4].SegmentedPropertyTypeCodeSequence[0].CodeValue == "POS-PCT"
+    )
+    pixels = hd.seg.Segmentation.from_dataset(finest).get_total_pixel_matrix(combine_segments=False)
+    mpp = float(finest.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
+    block = result.settings.outputs.heatmap_um
+    blocks = block_scores(result, block, (pixels.shape[1] * mpp, pixels.shape[0] * mpp))["positive"]
+    checked = 0
+    for r in range(blocks.shape[0]):
+        for c in range(blocks.shape[1]):
+            row, col = int((r + 0.5) * block / mpp), int((c + 0.5) * block / mpp)
+            if row >= pixels.shape[0] or col >= pixels.shape[1]:
+                continue
+            bands = np.nonzero(pixels[row, col, 4:8])[0].tolist()
+            value = blocks[r, c]
+            assert bands == ([] if np.isnan(value) else [min(3, int(value // 25))]), (r, c, value)
+            checked += 1
+    assert checked >= 6
 
 
 def test_heatmap_values_are_block_h_scores(dicom_results: tuple[SlideResult, WrittenResults]) -> None:
@@ -458,7 +529,8 @@ def test_png_overviews_show_the_block_scores(dicom_results: tuple[SlideResult, W
     thumbnail, next to the JSON and listed in it."""
     result, written = dicom_results
     outputs = json.loads(written.json.read_text())["outputs"]
-    assert {"heatmap_h_score", "heatmap_positive", "overview"} <= set(outputs)
+    names = {f"heatmap_{name}" for name in ("h_score", "positive", "tumour_positive", "tumour", "qc")}
+    assert names | {"overview"} <= set(outputs)
     blocks = block_scores(result, result.settings.outputs.heatmap_um, (1000 * 0.5, 760 * 0.5))
     rgba = np.asarray(Image.open(written.overviews["heatmap_positive"]))
     assert rgba.shape[2] == 4

@@ -162,7 +162,7 @@ def test_qc_areas_are_segments_of_the_dicom_seg(tmp_path: Path) -> None:
     slide = generate(SynthSpec(width=1536, height=1536, seed=52, pen_strokes=2), tmp_path / "s", formats=("dicom",))
     assert slide.dicom_dir
     with open_slide(slide.dicom_dir) as s:
-        result = analyse(s, load_settings("ki67", ["tiling.workers=1"]))
+        result = analyse(s, load_settings("ki67", ["tiling.workers=1", "outputs.heatmap=true"]))
         written = write_results(result, s, tmp_path / "out")
     assert result.qc_map is not None and "ink" in result.qc
     seg = pydicom.dcmread(written.dicom["seg"][0])
@@ -176,8 +176,15 @@ def test_qc_areas_are_segments_of_the_dicom_seg(tmp_path: Path) -> None:
     expected = sample_on_level(result.qc_map.labels, result.qc_map.mpp, level) == Artefact.INK
     pixels = hd.seg.Segmentation.from_dataset(seg).get_total_pixel_matrix(combine_segments=False)
     assert np.array_equal(pixels[..., 2] > 0, expected)
+    # The share of each block left out is a Parametric Map of its own (strokes 30–60 µm wide: a
+    # third or so of a 128 µm block).
+    qc_pm = pydicom.dcmread(written.dicom["heatmap"][-1])
+    assert qc_pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTLabel == "QCPCT"
+    stored = hd.image.Image.from_dataset(qc_pm, copy=False).get_total_pixel_matrix(apply_real_world_transform=False)
+    ink_on_pm = sample_on_level(result.qc_map.labels, result.qc_map.mpp, level) == Artefact.INK
+    assert stored.max() > 20 and (stored[ink_on_pm] > 1).mean() > 0.9
     require_tool("dciodvfy")
-    for path in written.dicom["seg"]:
+    for path in [*written.dicom["seg"], qc_pm.filename]:
         out = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True).stderr
         assert not [line for line in out.splitlines() if line.startswith("Error")], out
 
