@@ -204,6 +204,11 @@ def _summary(result: Any) -> str:
         lines.append(
             f"  {'left out by QC: ' + kind:<26} {qc['area_mm2']:.3f} mm² ({qc['percent_of_tissue']:.1f}% of tissue)"
         )
+    for e in result.explanations:
+        lines.append(
+            f"  {e.model + ' model attributions':<26} r = {e.dab_correlation:.2f} with DAB OD, "
+            f"{e.hematoxylin_correlation:.2f} with haematoxylin OD ({len(e.tiles)} tiles, integrated gradients)"
+        )
     if result.alerts:
         lines.append("  ALERTS (verify by a pathologist):")
         lines.extend(f"    {a['code']}: {a['message']}" for a in result.alerts)

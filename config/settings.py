@@ -309,6 +309,19 @@ class UncertaintySettings(_Frozen):
     seed: int = Field(0, ge=0, description="random seed of the bootstrap (results are reproducible)")
 
 
+class ExplainSettings(_Frozen):
+    """Attributions of model plug-ins by integrated gradients (:mod:`pipeline.explain`)."""
+
+    integrated_gradients: bool = Field(
+        False,
+        description="explain each configured model (segmentation.model, nuclei.model) by integrated gradients on "
+        "a sample of tissue tiles: attribution maps next to the JSON and their correlation with DAB and "
+        "haematoxylin OD (opt-in: each tile costs 2 x steps model passes)",
+    )
+    steps: int = Field(32, ge=4, le=512, description="points on the path from the unstained baseline to the input")
+    tiles: int = Field(8, ge=1, le=256, description="tissue tiles explained per model, spread over the slide")
+
+
 class OutputSettings(_Frozen):
     """Optional result objects."""
 
@@ -362,6 +375,7 @@ class Settings(_Frozen):
     scores: ScoreSettings = ScoreSettings()
     qc: QcSettings = QcSettings()
     uncertainty: UncertaintySettings = UncertaintySettings()
+    explain: ExplainSettings = ExplainSettings()
     outputs: OutputSettings = OutputSettings()
 
     @model_validator(mode="after")

@@ -12,6 +12,10 @@
   - ``qc``: % of the block's tissue quality control left out.
 * ``overview.png``: the slide's thumbnail with the tumour region outlined in red and the areas
   quality control left out in cyan.
+* ``attribution_<model>.png`` (with ``explain.integrated_gradients``, per model plug-in): each
+  explained tile (:mod:`pipeline.explain`) above its attribution map, red where a pixel pushes the
+  decision up and blue where it pushes it down, white where it does not matter (one scale for all
+  tiles: the 99th percentile of |attribution|).
 
 The same blocks are the DICOM Parametric Maps and banded SEG of :mod:`dicom_io.pm`.
 """
@@ -95,6 +99,21 @@ def _colour(values: np.ndarray, top: float) -> np.ndarray:
     return np.dstack([bgr, alpha])
 
 
+def _attribution_mosaic(tiles: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """BGR image: the tiles side by side, each above its attribution in a blue–white–red map."""
+    top = float(np.percentile(np.abs(np.concatenate([a.ravel() for _, a in tiles])), 99)) or 1.0
+    columns = []
+    for pixels, attribution in tiles:
+        a = np.clip(attribution / top, -1.0, 1.0)[..., None]
+        white = np.ones((*a.shape[:2], 3))
+        red, blue = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])  # BGR
+        colour = np.where(a > 0, white + a * (red - white), white - a * (blue - white))
+        columns.append(np.vstack([cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), (255 * colour).astype(np.uint8)]))
+    height = max(c.shape[0] for c in columns)
+    columns = [np.pad(c, ((0, height - c.shape[0]), (0, 4), (0, 0)), constant_values=255) for c in columns]
+    return np.hstack(columns)
+
+
 def _scale(shape: tuple[int, int]) -> float:
     return MAX_SIDE / max(shape)
 
@@ -114,6 +133,11 @@ def write_overviews(result: SlideResult, slide: Slide, out_dir: Path) -> dict[st
         path = out_dir / f"heatmap_{name}.png"
         cv2.imwrite(str(path), image)
         written[f"heatmap_{name}"] = path
+    for explanation in result.explanations:
+        if explanation.tiles:
+            path = out_dir / f"attribution_{explanation.model}.png"
+            cv2.imwrite(path.as_posix(), _attribution_mosaic([(p, a) for _, p, a in explanation.tiles]))
+            written[f"attribution_{explanation.model}"] = path
     thumb = np.ascontiguousarray(slide.thumbnail(MAX_SIDE))
     th, tw = thumb.shape[:2]
     bgr = cv2.cvtColor(thumb, cv2.COLOR_RGB2BGR)

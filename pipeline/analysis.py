@@ -36,6 +36,7 @@ from tqdm import tqdm
 from config.settings import IntensitySettings, NucleiSettings, Settings
 from pipeline import kernels, scoring
 from pipeline.allocator import keep_freed_memory
+from pipeline.explain import Explanation, explain_models
 from pipeline.nuclei import (
     CELL_COLUMNS,
     NucleusModel,
@@ -96,6 +97,8 @@ class SlideResult:
     qc: dict[str, dict[str, float]] = field(default_factory=dict)
     #: The quality-control map (artefact labels on the tissue grid); None when QC is off.
     qc_map: QcMap | None = None
+    #: Integrated-gradients attributions of the model plug-ins (``explain.integrated_gradients``).
+    explanations: list[Explanation] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +117,7 @@ class SlideResult:
             else {},
             "uncertainty": self.uncertainty.to_json() if self.uncertainty else None,
             "qc": self.qc,
+            "explanations": [e.to_json() for e in self.explanations],
             "settings": self.settings.model_dump(mode="json"),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
@@ -568,6 +572,31 @@ def analyse(
         uncertainty = score_intervals(cells, intensity_value(cells, settings.intensity), scores, settings)
         alerts.extend(uncertainty.alerts)
     timings["scoring"] = time.perf_counter() - t
+    explanations: list[Explanation] = []
+    if settings.explain.integrated_gradients:
+        t = time.perf_counter()
+        explanations = explain_models(
+            slide,
+            tissue,
+            settings.segmentation,
+            settings.nuclei,
+            mpp,
+            settings.tiling.tile_size,
+            stains,
+            background,
+            settings.explain,
+        )
+        for e in explanations:
+            log.info(
+                "%s: %s model attributions (integrated gradients, %d tiles): r = %.2f with DAB OD, %.2f with "
+                "haematoxylin OD",
+                slide.path,
+                e.model,
+                len(e.tiles),
+                e.dab_correlation,
+                e.hematoxylin_correlation,
+            )
+        timings["explain"] = time.perf_counter() - t
     timings["tissue_mpx"] = tissue_mpx
     timings["tiles_mpx"] = tiles_mpx
     described = slide.describe()
@@ -596,6 +625,7 @@ def analyse(
         uncertainty=uncertainty,
         qc=qc,
         qc_map=qc_map,
+        explanations=explanations,
     )
 
 
