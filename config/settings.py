@@ -274,12 +274,33 @@ class ScoreSettings(_Frozen):
 class QcSettings(_Frozen):
     """Tissue quality control before scoring (:mod:`pipeline.qc`)."""
 
-    enabled: bool = Field(True, description="detect marker ink and folds and leave them out of the scores")
+    enabled: bool = Field(
+        True, description="detect marker ink, saturated areas, folds and blur and leave them out of the scores"
+    )
     ink_saturation: float = Field(
         0.25, gt=0, le=1, description="green/cyan pixels more saturated than this (white-balanced HSV) are ink"
     )
     fold_od: float = Field(
         0.5, gt=0, description="tissue with haematoxylin and DAB OD both above this at 8 µm/px is a fold"
+    )
+    dark_value: float = Field(
+        0.08,
+        ge=0,
+        lt=1,
+        description="tissue darker than this (HSV value, share of white) at 8 µm/px is saturated (black ink, dirt, "
+        "a dark fold): nothing can be measured there",
+    )
+    edge_um: float = Field(
+        0.0,
+        ge=0,
+        description="leave out this rim of each tissue piece's cut edge (edge artefact; 0 = off: biopsies would "
+        "lose much of their tissue)",
+    )
+    min_counterstain_od: float = Field(
+        0.04,
+        ge=0,
+        description="QC_FAILED when the slide's nuclear haematoxylin level (99th percentile of smoothed "
+        "haematoxylin OD over sampled tissue tiles) is under this: no counterstain to find nuclei by",
     )
     min_area_um2: float = Field(2000.0, ge=0, description="artefact pieces smaller than this are ignored")
     blur_ratio: float = Field(

@@ -137,7 +137,7 @@ def _build_segmentations(
     qc_kinds: list[Artefact] = []
     if qc_map is not None and qc_map.mask.any():
         qc_labels = sample_on_level(qc_map.labels, qc_map.mpp, base)
-        qc_kinds = [kind for kind in (Artefact.INK, Artefact.FOLD, Artefact.BLUR) if (qc_labels == kind).any()]
+        qc_kinds = [kind for kind in Artefact if kind is not Artefact.NONE and (qc_labels == kind).any()]
         planes += [qc_labels == kind for kind in qc_kinds]
     mask = np.stack(planes, axis=-1).astype(np.uint8)
     family = (

@@ -45,7 +45,15 @@ from pipeline.nuclei import (
     intensity_class,
     intensity_value,
 )
-from pipeline.qc import Artefact, QcMap, artefacts_from_rgb, blur_mask, focus_block_px, focus_blocks
+from pipeline.qc import (
+    Artefact,
+    QcMap,
+    artefacts_from_rgb,
+    blur_mask,
+    counterstain_missing,
+    focus_block_px,
+    focus_blocks,
+)
 from pipeline.scoring import Alert, AlertCode, CompartmentSummary
 from pipeline.segmentation import (
     CLASS_NAMES,
@@ -400,14 +408,14 @@ def analyse(
     tissue = tissue_from_rgb(low, low_mpp, settings.tissue)
     background = _background(settings, tissue)
     qc: dict[str, dict[str, float]] = {}
-    qc_failed = None
+    qc_failed: list[str] = []  # why the result is not valid
     qc_map = None
     before_mm2 = tissue.area_mm2
     if settings.qc.enabled:
         qc_map = artefacts_from_rgb(
             low, tissue, settings.qc, StainMatrix(settings.stain.hematoxylin, settings.stain.dab)
         )
-        for kind in (Artefact.INK, Artefact.FOLD):
+        for kind in (Artefact.INK, Artefact.SATURATED, Artefact.FOLD, Artefact.EDGE):
             area = float(np.count_nonzero((qc_map.labels == kind) & tissue.mask)) * (tissue.mpp / 1000.0) ** 2
             if area > 0:
                 qc[kind.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
@@ -426,13 +434,22 @@ def analyse(
     t = time.perf_counter()
     tiles = (
         _sample_tiles(slide, settings, cores, mpp)
-        if settings.stain.estimate or settings.nuclei.adaptive_threshold
+        if settings.stain.estimate or settings.nuclei.adaptive_threshold or settings.qc.enabled
         else []
     )
     stains, stain_status = _estimate_stains(settings, tiles, background)
     timings["stain_estimation"] = time.perf_counter() - t
     configured = settings
     settings, detection = adapt_threshold(settings, tiles, stains, background, mpp)
+    if settings.qc.enabled and settings.nuclei.model is None and tiles:
+        level = detection.get("nuclear_hematoxylin_od")
+        if level is None:
+            level = round(nuclear_hematoxylin_level(tiles, stains, background, settings.nuclei.sigma_um / mpp), 4)
+            detection["nuclear_hematoxylin_od"] = level
+        missing = counterstain_missing(level, settings.qc)
+        if missing:
+            log.warning("%s: %s", slide.path, missing)
+            qc_failed.append(missing)
     if detection["threshold"] != configured.nuclei.threshold:
         log.info(
             "%s: pale counterstain (nuclear haematoxylin %.3f OD): nucleus threshold %.3f instead of %.3f",
@@ -509,10 +526,10 @@ def analyse(
             ", ".join(f"{k} {v['area_mm2']:.3f} mm²" for k, v in qc.items()),
         )
         if usable < settings.qc.min_usable_fraction:
-            qc_failed = (
+            qc_failed.append(
                 f"only {100 * usable:.0f}% of the tissue is usable after quality control ("
                 + ", ".join(f"{k} {v['percent_of_tissue']:.0f}%" for k, v in qc.items())
-                + "); the result is not valid"
+                + ")"
             )
 
     t = time.perf_counter()
@@ -566,7 +583,8 @@ def analyse(
     )
     alerts = scoring.alerts(settings.scores.kind, tumour_fraction, int(tum.sum()), tissue_area, scores, settings.scores)
     if qc_failed:
-        alerts.insert(0, {"code": AlertCode.QC_FAILED.value, "message": qc_failed})
+        message = "; ".join(qc_failed) + "; the result is not valid"
+        alerts.insert(0, {"code": AlertCode.QC_FAILED.value, "message": message})
     uncertainty = None
     if settings.uncertainty.enabled:
         uncertainty = score_intervals(cells, intensity_value(cells, settings.intensity), scores, settings)
@@ -629,6 +647,18 @@ def analyse(
     )
 
 
+def nuclear_hematoxylin_level(
+    tiles: list[np.ndarray], stains: StainMatrix, background: Background, sigma_px: float
+) -> float:
+    """What the darkest blue nuclei of the sampled ``tiles`` reach: the 99th percentile of
+    haematoxylin OD smoothed by ``sigma_px``."""
+    smoothed = []
+    for pixels in tiles:
+        h_od, _ = stain_planes(pixels, stains, background)
+        smoothed.append(cv2.GaussianBlur(np.ascontiguousarray(h_od, np.float32), (0, 0), sigma_px).ravel())
+    return float(np.percentile(np.concatenate(smoothed), 99))
+
+
 def adapt_threshold(
     settings: Settings, tiles: list[np.ndarray], stains: StainMatrix, background: Background, mpp: float
 ) -> tuple[Settings, dict[str, Any]]:
@@ -647,12 +677,7 @@ def adapt_threshold(
     record: dict[str, Any] = {"threshold": n.threshold, "configured_threshold": n.threshold, "adaptive": False}
     if not n.adaptive_threshold or n.model is not None or not tiles:
         return settings, record
-    sigma_px = n.sigma_um / mpp
-    smoothed = []
-    for pixels in tiles:
-        h_od, _ = stain_planes(pixels, stains, background)
-        smoothed.append(cv2.GaussianBlur(np.ascontiguousarray(h_od, np.float32), (0, 0), sigma_px).ravel())
-    level = float(np.percentile(np.concatenate(smoothed), 99))
+    level = nuclear_hematoxylin_level(tiles, stains, background, n.sigma_um / mpp)
     threshold = float(max(n.min_threshold, min(n.threshold, n.adaptive_fraction * level)))
     record.update(adaptive=True, nuclear_hematoxylin_od=round(level, 4), threshold=round(threshold, 4))
     if threshold == n.threshold:

@@ -3,11 +3,16 @@
 On the same low-resolution read as tissue detection (8 µm/px), white-balanced to the slide's glass:
 
 * **Marker ink**: colours no H-DAB (or H&E) slide holds — green or cyan (hue 70–190°, saturation
-  over ``qc.ink_saturation``), saturated blue (hue 200–260°, saturation over 0.6) or near-black
-  (value under 0.08).
+  over ``qc.ink_saturation``) or saturated blue (hue 200–260°, saturation over 0.6).
+* **Saturated (near-black)**: value under ``qc.dark_value`` (0.08 of white) over a whole 8 µm
+  pixel: black ink, dirt or tissue so dark that the sensor is saturated and no stain can be
+  measured there (a single dark nucleus is far smaller than such a pixel).
 * **Folds and overlaps**: tissue lying twice absorbs in both stains at once — haematoxylin and DAB
   OD both over ``qc.fold_od`` at this resolution, where single-layer tissue, even dense tumour
   full of strongly stained nuclei, stays under it.
+
+* **Edge** (opt-in, ``qc.edge_um`` > 0): the rim of each tissue piece (holes and lumina filled,
+  so only the section's cut edges count), where IHC often stains more strongly (edge artefact).
 
 Pieces smaller than ``qc.min_area_um2`` are ignored; the rest are taken out of the tissue before
 tiles are chosen, so their cells are neither counted nor
@@ -22,9 +27,13 @@ under ``qc.min_usable_fraction`` of it the result is marked not valid (``QC_FAIL
   patches with IoU 0.92 (4096² slide); no block of the real slides in ``../shared/data`` is
   called blurred.
 
-Not yet detected (open work): bubbles and debris, over-exposure, absent counterstain, and folds
-over pale tissue. The generator's folds (``SynthSpec.folds``: the section lying twice, so twice
-the optical density) are pale where the tissue under them is, and the both-stains rule above finds
+**Absent counterstain** is judged for the whole slide (:func:`counterstain_missing`): when the
+nuclear haematoxylin level of the sampled tissue tiles stays under ``qc.min_counterstain_od``, no
+nucleus can be found reliably and the result is marked not valid (``QC_FAILED``).
+
+Not yet detected (open work): bubbles and debris, over-exposure, and folds over pale tissue. The
+generator's folds (``SynthSpec.folds``: the section lying twice, so twice the optical density)
+are pale where the tissue under them is, and the both-stains rule above finds
 none of them (two 3072² slides, seeds 71 and 72); a rule on local contrast (OD sum at least 1.6–2×
 the median of the tissue within 250 µm) found at most 10 % of them and called 10–12 % of the
 real, fold-free OS-2 tissue a fold, so it was not taken.
@@ -38,6 +47,7 @@ from enum import IntEnum
 
 import cv2
 import numpy as np
+from scipy import ndimage
 
 from config.settings import QcSettings
 from pipeline.stains import StainMatrix, stain_planes
@@ -51,6 +61,8 @@ class Artefact(IntEnum):
     INK = 1
     FOLD = 2
     BLUR = 3
+    SATURATED = 4
+    EDGE = 5
 
     @property
     def label(self) -> str:
@@ -85,12 +97,17 @@ def artefacts_from_rgb(rgb: np.ndarray, tissue: TissueMask, settings: QcSettings
     ink = ((hue >= 35) & (hue <= 95) & (sat > settings.ink_saturation * 255)) | (
         (hue >= 100) & (hue <= 130) & (sat > 0.6 * 255)
     )
-    ink |= val < 0.08 * 255
+    dark = val < settings.dark_value * 255
     h_od, dab_od = stain_planes(rgb, stains, tuple(glass))  # type: ignore[arg-type]
     fold = (h_od > settings.fold_od) & (dab_od > settings.fold_od) & tissue.mask[: rgb.shape[0], : rgb.shape[1]]
+    edge = np.zeros((h, w), bool)
+    if settings.edge_um > 0:
+        filled = ndimage.binary_fill_holes(tissue.mask)
+        inside = cv2.distanceTransform(np.pad(filled, 1).astype(np.uint8), cv2.DIST_L2, 5)[1:-1, 1:-1]
+        edge = tissue.mask & (inside * tissue.mpp <= settings.edge_um)
     labels = np.zeros((h, w), np.uint8)
     min_px = settings.min_area_um2 / (tissue.mpp * tissue.mpp)
-    for kind, found in ((Artefact.FOLD, fold), (Artefact.INK, ink)):
+    for kind, found in ((Artefact.EDGE, edge), (Artefact.FOLD, fold), (Artefact.SATURATED, dark), (Artefact.INK, ink)):
         if not settings.enabled or not found.any():
             continue
         _, pieces, stats, _ = cv2.connectedComponentsWithStats(found.astype(np.uint8), connectivity=8)
@@ -184,3 +201,15 @@ def blur_mask(
     big = stats[:, cv2.CC_STAT_AREA] >= 3 * (block * scale) ** 2
     big[0] = False
     return big[pieces]
+
+
+def counterstain_missing(nuclear_hematoxylin_od: float | None, settings: QcSettings) -> str | None:
+    """Why the slide's counterstain is too weak to find nuclei (None: it is not, or was not measured)."""
+    if not settings.enabled or nuclear_hematoxylin_od is None:
+        return None
+    if nuclear_hematoxylin_od >= settings.min_counterstain_od:
+        return None
+    return (
+        f"no counterstain: the nuclear haematoxylin level of the sampled tissue is {nuclear_hematoxylin_od:.3f} OD "
+        f"(qc.min_counterstain_od {settings.min_counterstain_od}); nuclei cannot be found reliably"
+    )

@@ -188,6 +188,8 @@ def test_ome_outputs_round_trip(ome_results: tuple[SlideResult, WrittenResults])
         "11": "qc_ink",
         "12": "qc_fold",
         "13": "qc_blur",
+        "14": "qc_saturated",
+        "15": "qc_edge",
     }
     with written.ome["cells"].open() as fh:
         rows = list(csv.DictReader(fh))

@@ -205,3 +205,48 @@ def test_qc_areas_in_the_ome_label_image(inked: Twins, tmp_path: Path) -> None:
     qc_rows = ((rows + 0.5) * mpp / result.qc_map.mpp).astype(int)
     qc_cols = ((cols + 0.5) * mpp / result.qc_map.mpp).astype(int)
     assert (result.qc_map.labels[qc_rows, qc_cols] == Artefact.INK).all()
+
+
+def test_near_black_is_saturated_and_green_is_ink() -> None:
+    """A near-black patch (black ink, dirt, a dark fold: nothing measurable) is SATURATED; a green
+    stroke is INK; stained tissue is neither."""
+    rgb = np.full((40, 40, 3), (170, 150, 190), np.uint8)  # bluish tissue
+    rgb[5:20, 5:20] = (12, 10, 14)
+    rgb[25:35, 5:35] = (60, 170, 90)
+    tissue = TissueMask(mask=np.ones((40, 40), bool), mpp=8.0, threshold_od=0.05, glass_rgb=(255.0, 255.0, 255.0))
+    labels = artefacts_from_rgb(rgb, tissue, QcSettings(min_area_um2=0), StainMatrix()).labels
+    assert (labels[5:20, 5:20] == Artefact.SATURATED).all()
+    assert (labels[25:35, 5:35] == Artefact.INK).all()
+    assert (labels[36:, 36:] == Artefact.NONE).all()
+
+
+def test_the_cut_edge_is_left_out_only_when_asked() -> None:
+    """``qc.edge_um``: the rim of the tissue's outer edge, not the rim of a lumen inside it."""
+    yy, xx = np.indices((60, 60))
+    mask = (yy - 30) ** 2 + (xx - 30) ** 2 <= 25**2
+    mask &= (yy - 30) ** 2 + (xx - 30) ** 2 > 5**2  # a lumen
+    tissue = TissueMask(mask=mask, mpp=8.0, threshold_od=0.05, glass_rgb=(255.0, 255.0, 255.0))
+    rgb = np.where(mask[..., None], np.uint8(180), np.uint8(255)).astype(np.uint8).repeat(3, -1)
+    off = artefacts_from_rgb(rgb, tissue, QcSettings(min_area_um2=0), StainMatrix()).labels
+    assert not off.any()
+    on = artefacts_from_rgb(rgb, tissue, QcSettings(min_area_um2=0, edge_um=24.0), StainMatrix()).labels
+    r = np.hypot(yy - 30, xx - 30)
+    assert (on[mask & (r >= 23)] == Artefact.EDGE).all()  # within 3 px of the outer edge
+    assert (on[mask & (r <= 18)] == Artefact.NONE).all()  # the lumen's rim is not an edge
+    assert not on[~mask].any()
+
+
+def test_a_slide_without_counterstain_is_not_valid(tmp_path: Path) -> None:
+    """Nuclear haematoxylin at 5 % of the usual strength: no nucleus can be found reliably, so the
+    result says QC_FAILED and why; the very pale but present counterstain of the hard cases does not."""
+    for scale, fails in ((0.05, True), (0.2, False)):
+        slide = generate(
+            SynthSpec(width=1024, height=1024, seed=53, counterstain_scale=scale), tmp_path / str(scale), ("ome",)
+        )
+        assert slide.ome_tiff
+        with open_slide(slide.ome_tiff) as s:
+            result = analyse(s, load_settings("ki67", ["tiling.workers=1"]))
+        failed = [a["message"] for a in result.alerts if a["code"] == "QC_FAILED"]
+        assert bool(failed) == fails, (scale, result.detection)
+        if fails:
+            assert "no counterstain" in failed[0] and "qc.min_counterstain_od" in failed[0]
