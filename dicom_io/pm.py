@@ -16,6 +16,7 @@ score's own concept (as in the SR), coloured from blue (low) to red (high).
 
 from __future__ import annotations
 
+import cv2
 import highdicom as hd
 import numpy as np
 import pydicom
@@ -34,6 +35,7 @@ from dicom_io.sr import (
     declare_private_scheme,
 )
 from pipeline.analysis import SlideResult
+from pipeline.explain import Explanation
 
 _PERCENT = hd.sr.CodedConcept("%", "UCUM", "percent")
 
@@ -100,6 +102,24 @@ def build_heatmap(
         intercept=-1,
         quantity_definition=quantity,
     )
+    window = hd.VOILUTTransformation(window_center=top / 2 + 1, window_width=float(top))
+    return _parametric_map(
+        result, level, pixels, mapping, window, series_number, content_qualification, f"{lut_label}_HEATMAP", what
+    )
+
+
+def _parametric_map(
+    result: SlideResult,
+    level: pydicom.Dataset,
+    pixels: np.ndarray,
+    mapping: hd.pm.RealWorldValueMapping,
+    window: hd.VOILUTTransformation,
+    series_number: int,
+    content_qualification: str,
+    content_label: str,
+    what: str,
+) -> hd.pm.ParametricMap:
+    """A 16-bit Parametric Map of ``pixels`` (``level``'s grid) whose stored 0 is unmapped."""
     pm = hd.pm.ParametricMap(
         source_images=[level],
         pixel_array=pixels[None],
@@ -113,21 +133,73 @@ def build_heatmap(
         device_serial_number="0",
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=top / 2 + 1, window_width=float(top))],
+        voi_lut_transformations=[window],
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        content_label=f"{lut_label}_HEATMAP",
+        content_label=content_label,
         content_qualification=content_qualification,
-        content_description=f"{result.profile} {what}",
+        content_description=_long_string(f"{result.profile} {what}"),
         tile_pixel_array=True,
         tile_size=(int(level.Columns), int(level.Rows)),
         # TILED_SPARSE: per-frame plane positions, which validators still require for PMs.
         dimension_organization_type=hd.DimensionOrganizationTypeValues.TILED_SPARSE,
     )
-    pm.SeriesDescription = f"{result.profile} {what} (automated)"[:64]
-    # Stored 0 (no cells) outside the mapped range: a reader gets no real-world value there.
+    pm.SeriesDescription = _long_string(f"{result.profile} {what} (automated)")
+    # Stored 0 (no value) outside the mapped range: a reader gets no real-world value there.
     pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].RealWorldValueFirstValueMapped = 1
     declare_private_scheme(pm)
     return pm
+
+
+#: Attributions are stored as ATTRIBUTION_ZERO + attribution / scale (1 … 2 × ATTRIBUTION_ZERO − 1).
+ATTRIBUTION_ZERO = 32768
+ATTRIBUTION = hd.sr.CodedConcept("IG-ATTRIBUTION", SCHEME, "Integrated-gradients attribution")
+
+
+def build_attribution_map(
+    result: SlideResult,
+    volumes: list[pydicom.Dataset],
+    explanation: Explanation,
+    series_number: int = 560,
+    content_qualification: str = "PRODUCT",
+) -> hd.pm.ParametricMap:
+    """A model's integrated-gradients attributions (:mod:`pipeline.explain`) on the explained tiles,
+    averaged onto the pixels of the source level the heat maps use; elsewhere stored 0 (unmapped).
+    Stored ``ATTRIBUTION_ZERO`` is an attribution of 0; the slope is the largest |attribution| over
+    ``ATTRIBUTION_ZERO − 1``, so the full range of the model's attributions is kept."""
+    level = volumes[choose_level(volumes, result.compartments.mpp)]
+    rows, cols = int(level.TotalPixelMatrixRows), int(level.TotalPixelMatrixColumns)
+    mpp = level_mpp(level)
+    values = np.full((rows, cols), np.nan)
+    for (x_um, y_um), _, attribution in explanation.tiles:
+        tile_mpp = explanation.mpp
+        h, w = attribution.shape
+        r0, c0 = int(np.floor(y_um / mpp)), int(np.floor(x_um / mpp))
+        r1, c1 = (
+            min(rows, int(np.ceil((y_um + h * tile_mpp) / mpp))),
+            min(cols, int(np.ceil((x_um + w * tile_mpp) / mpp))),
+        )
+        if r1 <= r0 or c1 <= c0:
+            continue
+        values[r0:r1, c0:c1] = cv2.resize(attribution, (c1 - c0, r1 - r0), interpolation=cv2.INTER_AREA)
+    top = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
+    scale = (top or 1.0) / (ATTRIBUTION_ZERO - 1)
+    pixels = np.where(np.isnan(values), 0, np.rint(np.nan_to_num(values) / scale) + ATTRIBUTION_ZERO).astype(np.uint16)
+    what = f"{explanation.model} model attributions"
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="IGATTR",
+        lut_explanation=_long_string(f"integrated gradients, {explanation.model} model; 0 = none (unmapped)"),
+        unit=hd.sr.CodedConcept("1", "UCUM", "no units"),
+        value_range=(0, 2 * ATTRIBUTION_ZERO - 1),
+        slope=scale,
+        intercept=-ATTRIBUTION_ZERO * scale,
+        quantity_definition=ATTRIBUTION,
+    )
+    window = hd.VOILUTTransformation(
+        window_center=float(ATTRIBUTION_ZERO), window_width=float(2 * ATTRIBUTION_ZERO - 2)
+    )
+    return _parametric_map(
+        result, level, pixels, mapping, window, series_number, content_qualification, "IG_ATTRIBUTION", what
+    )
 
 
 def build_heatmap_bands(

@@ -23,7 +23,7 @@ from dicom_io.ann import build_annotations
 from dicom_io.ko import build_review_flag
 from dicom_io.ome_results import write_cell_table, write_json, write_label_ome_tiff
 from dicom_io.overviews import write_overviews
-from dicom_io.pm import HEATMAPS, build_heatmap, build_heatmap_bands
+from dicom_io.pm import HEATMAPS, build_attribution_map, build_heatmap, build_heatmap_bands
 from dicom_io.seg import build_segmentations, read_headers
 from dicom_io.sr import build_measurement_report, build_viewer_report
 from dicom_io.uids import is_uid
@@ -132,6 +132,17 @@ def write_results(
                     out_dir,
                 )
                 for i, score in enumerate(scores)
+            ]
+        if result.explanations:
+            written.dicom["attribution"] = [
+                save(
+                    build_attribution_map(
+                        result, volumes, e, 560 + i, content_qualification=outputs.content_qualification
+                    ),
+                    out_dir,
+                )
+                for i, e in enumerate(result.explanations)
+                if e.tiles
             ]
         if outputs.heatmap_seg:
             written.dicom["heatmap_seg"] = [

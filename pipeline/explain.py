@@ -46,6 +46,8 @@ class Explanation:
     #: The decision explained.
     target: str
     steps: int
+    #: µm/px of the explained tiles (the model's input resolution).
+    mpp: float
     #: Pearson correlation of |attribution| with DAB and with haematoxylin OD over the explained pixels.
     dab_correlation: float
     hematoxylin_correlation: float
@@ -61,6 +63,7 @@ class Explanation:
             "target": self.target,
             "method": "integrated gradients",
             "steps": self.steps,
+            "mpp": self.mpp,
             "tiles": len(self.tiles),
             "tile_origins_um": [[round(x, 1), round(y, 1)] for (x, y), _, _ in self.tiles],
             "dab_correlation": round(self.dab_correlation, 4),
@@ -164,6 +167,7 @@ def explain_model(
         file=str(settings.model),
         target=target_name,
         steps=explain.steps,
+        mpp=mpp,
         dab_correlation=_correlation(magnitude, np.concatenate(dab) if dab else magnitude),
         hematoxylin_correlation=_correlation(magnitude, np.concatenate(hem) if hem else magnitude),
         completeness_error=max(misses, default=0.0),

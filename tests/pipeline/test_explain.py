@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +20,7 @@ from dicom_io.results import write_results
 from pipeline.analysis import analyse
 from pipeline.explain import integrated_gradients
 from pipeline.synth.toy_models import DarknessCompartments, HaematoxylinNuclei, save_torchscript
+from tests.conftest import require_tool
 
 
 def _total(out: torch.Tensor) -> torch.Tensor:
@@ -95,3 +99,39 @@ def test_without_the_option_or_a_model_nothing_is_explained(small_slide: SynthOu
     # Darkness (1 − mean RGB) drives the tumour logit: attributions follow the optical density.
     assert e.model == "segmentation" and e.target.startswith("tumour")
     assert e.hematoxylin_correlation > 0.5
+
+
+def test_attributions_as_a_parametric_map(small_slide: SynthOutput, tmp_path: Path) -> None:
+    """From a DICOM slide the attributions are also a Parametric Map on the heat maps' level: the
+    mapped values over each explained tile average to the tile's mean attribution, there is no value
+    elsewhere, and dciodvfy finds no error."""
+    assert small_slide.dicom_dir
+    model = save_torchscript(HaematoxylinNuclei(), tmp_path / "nuclei.pt")
+    overrides = [
+        "tiling.workers=1",
+        f'nuclei.model="{model}"',
+        'nuclei.model_channels="hdab"',
+        "explain.integrated_gradients=true",
+        "explain.tiles=2",
+        "explain.steps=4",
+    ]
+    with open_slide(small_slide.dicom_dir) as slide:
+        result = analyse(slide, load_settings("ki67", overrides))
+        written = write_results(result, slide, tmp_path / "out")
+    (e,) = result.explanations
+    (path,) = written.dicom["attribution"]
+    pm = pydicom.dcmread(path)
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    assert mapping.LUTLabel == "IGATTR" and int(mapping.RealWorldValueFirstValueMapped) == 1
+    stored = hd.image.Image.from_dataset(pm, copy=False).get_total_pixel_matrix(apply_real_world_transform=False)
+    values = stored * float(mapping.RealWorldValueSlope) + float(mapping.RealWorldValueIntercept)
+    mpp = float(pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing[0]) * 1000
+    inside = np.zeros(stored.shape, bool)
+    for (x_um, y_um), _, attribution in e.tiles:
+        r0, c0 = round(y_um / mpp), round(x_um / mpp)
+        r1, c1 = r0 + round(attribution.shape[0] * e.mpp / mpp), c0 + round(attribution.shape[1] * e.mpp / mpp)
+        inside[r0:r1, c0:c1] = True
+        assert values[r0:r1, c0:c1].mean() == pytest.approx(float(attribution.mean()), rel=0.01)
+    assert (stored[~inside] == 0).all() and (stored[inside] > 0).all()
+    run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
+    assert not [line for line in run.stderr.splitlines() if line.startswith("Error")], run.stderr
