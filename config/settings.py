@@ -115,6 +115,11 @@ class NucleiSettings(_Frozen):
         0.5, gt=0.05, le=4.0, description="QuPath 'Requested pixel size': the analysis µm/px (the paper used 0.46)"
     )
     background_radius_um: float = Field(8.0, ge=0, description="QuPath 'Background radius' (0 = off)")
+    background_by_reconstruction: bool = Field(
+        True,
+        description="QuPath 'Use opening by reconstruction' (v0.4+; method 'qupath' only): off, the background is a "
+        "plain opening (min then max filter), which keeps a fold or background stain from carrying across a tile",
+    )
     median_radius_um: float = Field(0.0, ge=0, description="QuPath 'Median filter radius'")
     sigma_um: float = Field(1.5, gt=0, description="QuPath 'Sigma' of the Gaussian smoothing")
     min_area_um2: float = Field(10.0, ge=0, description="QuPath 'Minimum area'")

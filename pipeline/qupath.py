@@ -12,8 +12,12 @@ region, not with single pixels. For one tile of the detection image:
    nuclei.
 2. *Median filter radius*, then *Background radius*: the background is an
    opening by reconstruction (erosion with a disk, then reconstruction by
-   dilation under the image) and is subtracted; regions on a background above
-   *Max background intensity* (grown by twice the radius) are dropped.
+   dilation under the image) or, with *Use opening by reconstruction* off
+   (QuPath ≥ 0.4, ``nuclei.background_by_reconstruction``), a plain opening
+   (the erosion, then a dilation with the same disk: a local estimate that
+   a fold or background stain at one place does not carry across the tile),
+   and is subtracted; regions on a background above *Max background
+   intensity* (grown by twice the radius) are dropped.
 3. A Laplacian of Gaussian (Gaussian of *Sigma*, then a 3×3 Laplacian) is
    over-segmented by a watershed from its regional maxima over LoG > 0.
 4. A region is kept when the mean of the (background-subtracted) detection
@@ -92,10 +96,11 @@ def exclude_dab(det: np.ndarray, h_od: np.ndarray, dab_od: np.ndarray) -> np.nda
 
 
 def subtract_background(
-    det: np.ndarray, radius_px: float, max_background: float
+    det: np.ndarray, radius_px: float, max_background: float, by_reconstruction: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Opening by reconstruction with a disk of ``radius_px``, subtracted; and the mask of pixels
-    on (or within twice the radius of) a background above ``max_background`` (None: there are none)."""
+    """Opening (by reconstruction, or plain) with a disk of ``radius_px``, subtracted; and the mask
+    of pixels on (or within twice the radius of) a background above ``max_background`` (None:
+    there are none)."""
     disk = imagej_disk(radius_px)
     marker = cv2.erode(det, disk, borderType=cv2.BORDER_REPLICATE)
     high = marker > max_background if max_background > 0 else np.zeros(det.shape, bool)
@@ -103,7 +108,10 @@ def subtract_background(
     if high.any():
         mask = cv2.dilate(high.astype(np.uint8), imagej_disk(2 * radius_px)) > 0
         marker = np.where(mask, det.min(), marker)
-    background = watershed.reconstruct(marker, det)
+    if by_reconstruction:
+        background = watershed.reconstruct(marker, det)
+    else:
+        background = cv2.dilate(marker, disk, borderType=cv2.BORDER_REPLICATE)
     return det - background, mask
 
 
@@ -142,7 +150,12 @@ def detect_nuclei(
         work = exclude_dab(work, h_od, dab_od)
     measured, background_mask = work, None
     if settings.background_radius_um > 0:
-        work, background_mask = subtract_background(work, settings.background_radius_um / mpp, settings.max_background)
+        work, background_mask = subtract_background(
+            work,
+            settings.background_radius_um / mpp,
+            settings.max_background,
+            settings.background_by_reconstruction,
+        )
         measured = work
     else:
         measured = det  # QuPath measures the unfiltered detection image when nothing is subtracted

@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
+from scipy.ndimage import grey_opening
 from skimage.morphology import h_maxima, local_maxima, reconstruction
 from skimage.segmentation import watershed as skimage_watershed
 
@@ -92,6 +93,23 @@ def test_reconstruction_by_dilation_matches_scikit_image() -> None:
     mask = cv2.GaussianBlur(rng.random((200, 170)).astype(np.float32), (0, 0), 3.0)
     marker = cv2.erode(mask, qupath.imagej_disk(6))
     assert np.allclose(watershed.reconstruct(marker, mask), reconstruction(marker, mask, method="dilation"))
+
+
+def test_plain_opening_is_local_where_reconstruction_is_not() -> None:
+    """*Use opening by reconstruction* off: the background is erosion then dilation with the disk
+    (scikit-image's grey opening); a long bright band crossing the tile (a fold) raises the
+    reconstructed background wherever the band reaches, the plain opening only where the disk fits."""
+    image = _blobs((80, 80), [(40, 20, 3, 1.0)]) + np.float32(0.05)
+    image[:, 55:75] += np.float32(0.6)  # a band wider than the disk
+    image[36:44, 24:60] += np.float32(0.6)  # a narrow bridge from the band towards the nucleus
+    plain, _ = qupath.subtract_background(image, 5.0, 2.0, by_reconstruction=False)
+    rebuilt, _ = qupath.subtract_background(image, 5.0, 2.0, by_reconstruction=True)
+    disk = qupath.imagej_disk(5.0).astype(bool)
+    expected = image - grey_opening(np.pad(image, 6, mode="edge"), footprint=disk)[6:-6, 6:-6]
+    assert np.allclose(plain, expected, atol=1e-6)
+    # Along the narrow bridge the reconstruction keeps the band's level as background (nothing
+    # subtracted shows the bridge); the plain opening removes the bridge from the background.
+    assert rebuilt[40, 40] < 0.05 and plain[40, 40] > 0.5
 
 
 def test_imagej_disk_and_ridge_height() -> None:
