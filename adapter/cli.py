@@ -248,7 +248,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from dicom_io import open_slide
     from pipeline.analysis import analyse
 
-    overrides = list(args.set or [])
+    overrides = []
+    if args.qupath:
+        from config.qupath import qupath_overrides
+
+        overrides += qupath_overrides(args.qupath)
+    overrides += list(args.set or [])
     if args.workers is not None:
         overrides.append(f"tiling.workers={args.workers}")
     settings = load_settings(args.profile, overrides)
@@ -386,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--profile", default="hscore", help="hscore, ki67, er, pr, her2, pdl1, or a .toml file")
     score.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. nuclei.threshold=0.2"
+    )
+    score.add_argument(
+        "--qupath",
+        metavar="PARAMS",
+        help="a QuPath Positive cell detection protocol (its runPlugin line or JSON parameters) to run with "
+        "QuPath's detector; --set applies after it",
     )
     score.add_argument("--json", metavar="OUT.json", help="write the full result as JSON")
     score.add_argument("--out", metavar="DIR", help="write results: DICOM SEG/SR/annotations/KOS or OME-TIFF + CSV")

@@ -187,6 +187,18 @@ def test_qupath_protocol_on_real_ki67_matches_qupath(row: int, tmp_path: Path) -
     """QuPath v0.3.2's own Ki-67 protocol on OS-2-vsi: cells within 10 %, positive % within 2 points."""
     ref = _reference()[row]
     out = tmp_path / "result.json"
+    # The protocol as QuPath's script records it; the white level belongs to the image in QuPath.
+    protocol = (
+        "runPlugin('qupath.imagej.detect.cells.PositiveCellDetection', '{"
+        '"detectionImageBrightfield": "Optical density sum", "requestedPixelSizeMicrons": 0.5, '
+        '"backgroundRadiusMicrons": 0.0, "medianRadiusMicrons": 0.0, "sigmaMicrons": 2.0, '
+        f'"minAreaMicrons": 10.0, "maxAreaMicrons": 400.0, "threshold": {ref["detection_threshold"]}, '
+        '"maxBackground": 2.0, "watershedPostProcess": true, "excludeDAB": false, "cellExpansionMicrons": 0.0, '
+        '"includeNuclei": true, "smoothBoundaries": true, "makeMeasurements": true, '
+        '"thresholdCompartment": "Nucleus: DAB OD mean", '
+        f'"thresholdPositive1": {ref["dab_threshold"]}, "thresholdPositive2": 0.4, "thresholdPositive3": 0.6, '
+        '"singleThreshold": true}\')'
+    )
     args = [
         "score",
         str(shared_file("OS-2-vsi.ome.tif")),
@@ -194,15 +206,9 @@ def test_qupath_protocol_on_real_ki67_matches_qupath(row: int, tmp_path: Path) -
         "ki67",
         "--json",
         str(out),
-        *("--set", 'nuclei.method="qupath"', "--set", 'nuclei.detection_image="od_sum"'),
-        *("--set", "nuclei.background_radius_um=0", "--set", "nuclei.median_radius_um=0"),
-        *("--set", "nuclei.sigma_um=2", "--set", f"nuclei.threshold={ref['detection_threshold']}"),
-        *("--set", "nuclei.min_area_um2=10", "--set", "nuclei.max_area_um2=400", "--set", "nuclei.max_background=2"),
-        *("--set", "nuclei.split_by_shape=true", "--set", "nuclei.exclude_dab=false"),
-        *("--set", "nuclei.adaptive_threshold=false"),  # QuPath's threshold is fixed
-        *("--set", "nuclei.cell_expansion_um=0", "--set", "nuclei.smooth_boundaries=true"),
-        *("--set", "stain.background=255", "--set", 'intensity.compartment="nucleus"'),
-        *("--set", 'intensity.statistic="mean"', "--set", f"intensity.single_threshold={ref['dab_threshold']}"),
+        "--qupath",
+        protocol,
+        *("--set", "stain.background=255"),
     ]
     assert main(args) == 0
     tissue = json.loads(out.read_text())["compartments"]["tissue"]
