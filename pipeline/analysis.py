@@ -667,11 +667,13 @@ def adapt_threshold(
     With ``nuclei.adaptive_threshold`` (and no nucleus model), the slide's nuclear haematoxylin
     level is the 99th percentile of haematoxylin OD, smoothed by the detection sigma, over the
     sampled tissue tiles: what its darkest blue nuclei reach. The threshold is at most
-    ``adaptive_fraction`` of that level, never below ``min_threshold``: a normal counterstain (the
-    real Ki-67 crop OS-2: 0.32 OD; the generator's default: 0.61; the generator at 0.35 of its
-    counterstain: 0.23) keeps the configured 0.1 OD; a very pale one (the generator at 0.2 of its
-    counterstain: 0.12) gets 0.06 — there a fixed 0.1 OD finds 77 % of the nuclei (Ki-67 +9.4
-    points), 0.06 finds 99.7 % (−2.1 points).
+    ``adaptive_fraction`` (0.32) of that level, never below ``min_threshold`` and never above the
+    configured one: the real Ki-67 crop OS-2 (0.317 OD) and the generator's default slide (0.61)
+    keep the configured 0.1 OD; a paler slide gets a threshold in proportion — the generator at
+    0.35 of its counterstain (0.23) 0.074, at 0.2 of it (0.12) 0.038 (a fixed 0.1 OD finds 77 % of
+    its nuclei, Ki-67 +9.4 points). A scanner's tone curve scales all optical densities, and the
+    threshold follows: OS-2 under gamma 0.85 (level 0.27) is scored at 0.086 OD and finds the same
+    nuclei (``bench/drift.py``; with the earlier fraction 0.5 it kept 0.1 and lost a quarter of them).
     """
     n = settings.nuclei
     record: dict[str, Any] = {"threshold": n.threshold, "configured_threshold": n.threshold, "adaptive": False}
