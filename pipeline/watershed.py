@@ -16,7 +16,8 @@ They follow the ImageJ / QuPath conventions the QuPath-compatible detector
   closer than 1/4,096 of the range (first come, first served between those).
 * :func:`fill_holes`: each labelled region with its holes (8-connected
   unlabelled pieces that touch no other region and not the border), as
-  ImageJ's wand traces and fills a 4-connected outline.
+  ImageJ's wand traces and fills a 4-connected outline; only the enclosed
+  pixels (what a flood from the border does not reach) are visited.
 """
 
 from __future__ import annotations
@@ -219,43 +220,57 @@ def _shared_pieces(pieces: np.ndarray, labels: np.ndarray, n_pieces: int) -> np.
 def fill_holes(labels: np.ndarray) -> np.ndarray:
     """``labels`` with every hole filled by the label around it: a piece of unlabelled pixels
     (8-connected) that touches exactly one label and not the image border."""
-    empty = (labels == 0).view(np.uint8)
-    n, pieces = cv2.connectedComponents(empty, connectivity=8, ltype=cv2.CV_32S)
-    if n <= 1:
+    # The unlabelled pixels the border reaches are flooded first (OpenCV, one pass); what is left
+    # is enclosed, usually a few pixels, and only those are looked at.
+    empty = np.pad((labels == 0).view(np.uint8), 1, constant_values=1)
+    cv2.floodFill(empty, None, (0, 0), 2, flags=8)
+    enclosed = empty[1:-1, 1:-1] == 1
+    ys, xs = np.nonzero(enclosed)
+    if not ys.size:
         return labels
-    owner = _hole_owners(labels, pieces, n)
-    if not owner.any():
-        return labels
-    return np.where(pieces > 0, owner[pieces], labels).astype(np.int32)
+    out = labels.copy()
+    _fill_enclosed(out, labels, enclosed, ys.astype(np.int64), xs.astype(np.int64))
+    return out
 
 
 @numba.njit(cache=_CACHE, nogil=True)
-def _hole_owners(labels: np.ndarray, pieces: np.ndarray, n: int) -> np.ndarray:
-    """For each unlabelled piece, the one label around it (0 if it touches several or the border)."""
-    h, w = labels.shape
-    owner = np.zeros(n, np.int32)
-    open_ = np.zeros(n, np.bool_)
-    open_[0] = True
-    for y in range(h):
-        for x in range(w):
-            c = pieces[y, x]
-            if c == 0 or open_[c]:
-                continue
-            if y == 0 or x == 0 or y == h - 1 or x == w - 1:
-                open_[c] = True
-                continue
+def _fill_enclosed(out: np.ndarray, labels: np.ndarray, enclosed: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> None:
+    """Fill in ``out`` each 8-connected piece of ``enclosed`` pixels (at ``ys``, ``xs``; none on the
+    border) whose neighbours hold exactly one label; ``enclosed`` is cleared as pieces are visited."""
+    w = labels.shape[1]
+    stack = np.empty(ys.size, np.int64)
+    members = np.empty(ys.size, np.int64)
+    for i in range(ys.size):
+        if not enclosed[ys[i], xs[i]]:
+            continue
+        enclosed[ys[i], xs[i]] = False
+        stack[0] = ys[i] * w + xs[i]
+        top = 1
+        count = 0
+        owner = 0
+        single = True
+        while top > 0:
+            top -= 1
+            p = stack[top]
+            members[count] = p
+            count += 1
+            py, px = p // w, p % w
             for dy in range(-1, 2):
                 for dx in range(-1, 2):
-                    q = labels[y + dy, x + dx]
+                    qy, qx = py + dy, px + dx
+                    q = labels[qy, qx]
                     if q != 0:
-                        if owner[c] == 0:
-                            owner[c] = q
-                        elif owner[c] != q:
-                            open_[c] = True
-    for c in range(n):
-        if open_[c]:
-            owner[c] = 0
-    return owner
+                        if owner == 0:
+                            owner = q
+                        elif owner != q:
+                            single = False
+                    elif enclosed[qy, qx]:
+                        enclosed[qy, qx] = False
+                        stack[top] = qy * w + qx
+                        top += 1
+        if single and owner != 0:
+            for j in range(count):
+                out[members[j] // w, members[j] % w] = owner
 
 
 @numba.njit(cache=_CACHE, nogil=True)

@@ -254,5 +254,5 @@ def test_warm_up_loads_every_kernel_a_tile_worker_calls(small_slide: SynthOutput
     for name in ("cell_stats", "sector_peaks", "_chamfer_cells", "split_at_peaks", "trim_and_filter"):
         assert report["warm"][name] >= 1, name
     assert report["warm"]["class_counts_on_grid"] >= 1 and report["warm"]["label_max"] >= 1
-    for name in ("_flood", "_shared_pieces", "_reconstruct", "prominent_maxima", "_hole_owners", "label_sums"):
+    for name in ("_flood", "_shared_pieces", "_reconstruct", "prominent_maxima", "_fill_enclosed", "label_sums"):
         assert report["warm"][name] >= 1, name
