@@ -4,8 +4,9 @@
     python bench/drift.py --slide my_ki67.ome.tif --profile ki67
 
 No second scanner's copy of a slide is at hand, so its colour differences are simulated on the
-real one: white balance (per-channel gains ±6 %), tone curve (gamma 0.85 and 1.15), colour
-saturation (±15 %), slightly softer optics (Gaussian σ 0.5 px) and all of them together. Each
+real one (:mod:`pipeline.synth.scanner`): white balance (per-channel gains ±6 %), tone curve
+(gamma 0.85 and 1.15), colour saturation (±15 %), slightly softer optics (Gaussian σ 0.5 px)
+and all of them together. Each
 copy is written losslessly (deflate) at the slide's µm/px and scored with the profile's
 defaults, then again with per-slide stain estimation (``stain.estimate = true``). Prints each
 copy's index and, per mode, the spread (largest minus smallest, original included) and the
@@ -18,7 +19,6 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,46 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config.settings import load_settings
 from dicom_io import open_slide
 from pipeline.analysis import analyse
-
-Transform = Callable[[np.ndarray], np.ndarray]
-
-
-def _gains(r: float, g: float, b: float) -> Transform:
-    return lambda rgb: rgb * np.array([r, g, b])
-
-
-def _gamma(power: float) -> Transform:
-    return lambda rgb: 255.0 * (rgb / 255.0) ** power
-
-
-def _saturation(factor: float) -> Transform:
-    def apply(rgb: np.ndarray) -> np.ndarray:
-        grey = rgb @ np.array([0.299, 0.587, 0.114])
-        return grey[..., None] + factor * (rgb - grey[..., None])
-
-    return apply
-
-
-def _soft(rgb: np.ndarray) -> np.ndarray:
-    import cv2
-
-    return cv2.GaussianBlur(rgb, (0, 0), 0.5)
-
-
-def _all(rgb: np.ndarray) -> np.ndarray:
-    return _soft(_saturation(0.85)(_gamma(1.15)(_gains(1.06, 1.0, 0.94)(rgb))))
-
-
-TRANSFORMS: dict[str, Transform] = {
-    "warmer white balance": _gains(1.06, 1.0, 0.94),
-    "cooler white balance": _gains(0.94, 1.0, 1.06),
-    "gamma 0.85": _gamma(0.85),
-    "gamma 1.15": _gamma(1.15),
-    "saturation -15 %": _saturation(0.85),
-    "saturation +15 %": _saturation(1.15),
-    "softer optics": _soft,
-    "all together": _all,
-}
+from pipeline.synth.scanner import SCANNER_DIFFERENCES, apply
 
 
 def _write(pixels: np.ndarray, mpp: float, path: Path) -> Path:
@@ -94,15 +55,14 @@ def main() -> int:
     args = p.parse_args()
     with open_slide(args.slide) as slide:
         level = slide.levels[0]
-        pixels = slide.read_region(0, 0, 0, level.width, level.height).astype(np.float64)
+        pixels = slide.read_region(0, 0, 0, level.width, level.height)
         mpp = level.mpp_x
     modes = {"defaults": ["tiling.workers=1"], "stain estimation": ["tiling.workers=1", "stain.estimate=true"]}
     scores: dict[str, dict[str, float]] = {mode: {} for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        copies = {"original": _write(pixels.astype(np.uint8), mpp, Path(tmp) / "original.ome.tif")}
-        for i, (name, transform) in enumerate(TRANSFORMS.items()):
-            out = np.clip(np.rint(transform(pixels)), 0, 255).astype(np.uint8)
-            copies[name] = _write(out, mpp, Path(tmp) / f"copy{i}.ome.tif")
+        copies = {"original": _write(pixels, mpp, Path(tmp) / "original.ome.tif")}
+        for i, (name, transform) in enumerate(SCANNER_DIFFERENCES.items()):
+            copies[name] = _write(apply(transform, pixels), mpp, Path(tmp) / f"copy{i}.ome.tif")
         for mode, overrides in modes.items():
             settings = load_settings(args.profile, overrides)
             for name, path in copies.items():
