@@ -191,6 +191,8 @@ def generate(
         Image.fromarray(model.truth_blur().astype(np.uint8) * 255).save(truth_dir / "blur.png")
     if spec.folds:
         Image.fromarray(model.truth_fold().astype(np.uint8) * 255).save(truth_dir / "fold.png")
+    if spec.bubbles:
+        Image.fromarray(model.truth_bubble().astype(np.uint8) * 255).save(truth_dir / "bubble.png")
     truth = {
         "spec": spec.model_dump(),
         "truth_step_px": model.truth_step_px,

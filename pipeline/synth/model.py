@@ -88,6 +88,9 @@ class SynthSpec(BaseModel):
     blur_patches: int = Field(0, ge=0, le=20, description="out-of-focus discs (QC artefact)")
     blur_sigma_um: float = Field(2.5, gt=0, le=4.0, description="defocus blur (Gaussian σ) inside the patches")
     folds: int = Field(0, ge=0, le=10, description="tissue folds: bands where the section lies twice (QC artefact)")
+    bubbles: int = Field(
+        0, ge=0, le=10, description="air bubbles under the coverslip: a dark grey rim, the tissue inside paler and soft"
+    )
 
     @field_validator("tumour_classes", "stroma_classes")
     @classmethod
@@ -166,6 +169,7 @@ class SlideModel:
         self.pen = self._pen_strokes(np.random.default_rng([spec.seed, 9]))
         self.blur = self._blur_patches(np.random.default_rng([spec.seed, 10]))
         self.fold = self._folds(np.random.default_rng([spec.seed, 11]))
+        self.bubble = self._bubbles(np.random.default_rng([spec.seed, 12]))
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -275,6 +279,35 @@ class SlideModel:
     def fold_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Extra layers of tissue (0–1) at the points: 1 inside a fold, its crease 2 µm wide."""
         return self._band_density(self.fold, x_um, y_um, 2.0)
+
+    def _bubbles(self, rng: np.random.Generator) -> np.ndarray:
+        """Air bubbles ``(x, y, radius)`` in µm, radius 60–200 µm, over the slide's inner part."""
+        return np.asarray(
+            [
+                (rng.uniform(0.2, 0.8) * self.width_um, rng.uniform(0.2, 0.8) * self.height_um, rng.uniform(60, 200))
+                for _ in range(self.spec.bubbles)
+            ],
+            np.float64,
+        ).reshape(-1, 3)
+
+    def bubble_at(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """At the points: inside a bubble (bool) and the darkness of its rim (0–1; 1 on the rim's
+        middle, a 6 µm wide line where the light is refracted away)."""
+        inside = np.zeros(np.shape(x_um), bool)
+        rim = np.zeros(np.shape(x_um))
+        for cx, cy, r in self.bubble:
+            d = np.hypot(x_um - cx, y_um - cy)
+            inside |= d <= r
+            rim = np.maximum(rim, np.clip(1.0 - np.abs(d - r) / 3.0, 0.0, 1.0))
+        return inside, rim
+
+    def truth_bubble(self) -> np.ndarray:
+        """Bubbles, rim included, on the truth grid."""
+        rows = []
+        for xx, yy in self._truth_rows():
+            inside, rim = self.bubble_at(xx, yy)
+            rows.append(inside | (rim > 0))
+        return np.concatenate(rows, axis=0)
 
     def truth_fold(self) -> np.ndarray:
         """Where the section lies twice (fold ≥ 0.5) on the truth grid; tissue or not."""

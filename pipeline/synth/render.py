@@ -37,6 +37,9 @@ class RenderedTile:
 #: Optical density of green marker ink (absorbs red and blue light).
 INK_OD = np.array([0.9, 0.25, 0.75])
 
+#: Optical density of a bubble's rim: grey, light refracted away in every colour.
+BUBBLE_RIM_OD = np.array([0.9, 0.9, 0.9])
+
 
 def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> RenderedTile:
     """Render level-0 pixels ``[x, x+width) × [y, y+height)``."""
@@ -83,8 +86,18 @@ def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> R
             sigma = spec.blur_sigma_um / mpp  # the tile's margin (14 µm) holds the blur's reach
             conc_h = np.where(defocus, ndimage.gaussian_filter(conc_h, sigma), conc_h)
             conc_d = np.where(defocus, ndimage.gaussian_filter(conc_d, sigma), conc_d)
+    rim = None
+    if spec.bubbles:
+        inside, rim = model.bubble_at(xx, yy)
+        if inside.any():
+            # Under a bubble the tissue is out of the focal plane and seen through air: paler, soft.
+            sigma = 1.5 / mpp
+            conc_h = np.where(inside, 0.8 * ndimage.gaussian_filter(conc_h, sigma), conc_h)
+            conc_d = np.where(inside, 0.8 * ndimage.gaussian_filter(conc_d, sigma), conc_d)
     conc = np.stack([conc_h[core], conc_d[core]], axis=-1)
     od = conc @ model.stain_matrix
+    if rim is not None and rim.any():
+        od = od + rim[core][..., None] * BUBBLE_RIM_OD  # the rim absorbs all colours alike
     if spec.pen_strokes:
         ink = model.ink_at(xx[core], yy[core])
         od = od + ink[..., None] * INK_OD  # marker ink over the tissue, by Beer–Lambert like the stains

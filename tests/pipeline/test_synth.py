@@ -179,3 +179,30 @@ def test_a_fold_lays_the_tissue_twice_where_its_truth_says() -> None:
     truth = folded.truth_fold()
     s = folded.truth_step_px
     assert truth[int(cy / s), int(cx / s)] and truth.mean() < 0.2
+
+
+def test_a_bubble_has_a_grey_rim_and_paler_tissue_inside() -> None:
+    """An air bubble: on its rim every channel loses the same optical density (grey, ~0.9); inside,
+    the tissue's density is 0.8 of the bubble-free twin's (softened); outside, the twin's pixels."""
+    spec = SynthSpec(width=2048, height=2048, seed=74, noise_sigma=0, bubbles=1, tumour_fraction=0.8)
+    bubbled, flat = SlideModel(spec), SlideModel(spec.model_copy(update={"bubbles": 0}))
+    cx, cy, r = bubbled.bubble[0]
+    assert 60.0 <= r <= 200.0
+    half = int((r + 30) / spec.mpp)
+    x0, y0 = int(cx / spec.mpp) - half, int(cy / spec.mpp) - half
+    a = render_tile(bubbled, x0, y0, 2 * half, 2 * half).pixels.astype(float)
+    b = render_tile(flat, x0, y0, 2 * half, 2 * half).pixels.astype(float)
+    xs = (x0 + np.arange(2 * half) + 0.5) * spec.mpp
+    xx, yy = np.meshgrid(xs, (y0 + np.arange(2 * half) + 0.5) * spec.mpp)
+    d = np.hypot(xx - cx, yy - cy)
+    od_a, od_b = (-np.log10(np.maximum(p, 1) / spec.background) for p in (a, b))
+    on_rim = np.abs(d - r) < 0.5
+    extra = od_a[on_rim] - od_b[on_rim]
+    assert np.median(extra) > 0.7 and np.median(extra.max(-1) - extra.min(-1)) < 0.1  # dark and grey
+    inner = d < r - 8  # softening moves density about, not in total
+    assert od_a.sum(-1)[inner].sum() / od_b.sum(-1)[inner].sum() == pytest.approx(0.8, abs=0.05)
+    outer = d > r + 8
+    assert np.abs(a[outer] - b[outer]).max() <= 1
+    truth = bubbled.truth_bubble()
+    s = bubbled.truth_step_px
+    assert truth[int(cy / spec.mpp / s), int(cx / spec.mpp / s)] and truth.mean() < 0.2
