@@ -16,8 +16,8 @@ from PIL import Image
 from adapter.synth import SynthOutput
 from config.settings import load_settings
 from dicom_io import open_slide
-from dicom_io.results import write_results
-from pipeline.analysis import analyse
+from dicom_io.results import WrittenResults, write_results
+from pipeline.analysis import SlideResult, analyse
 from pipeline.explain import integrated_gradients
 from pipeline.synth.toy_models import DarknessCompartments, HaematoxylinNuclei, save_torchscript
 from tests.conftest import require_tool
@@ -52,23 +52,29 @@ def test_attributions_of_a_nonlinear_model_add_up_with_enough_steps() -> None:
     assert fine < 1e-3 and fine < coarse
 
 
-def test_a_nucleus_model_that_reads_haematoxylin_is_seen_to(small_slide: SynthOutput, tmp_path: Path) -> None:
-    """The toy nucleus model's logit is 40 × (haematoxylin OD − 0.15): its attributions are
-    haematoxylin OD × 40, so they correlate with haematoxylin (r > 0.99) and much less with DAB;
-    written to the JSON, the CLI summary and an attribution PNG."""
-    assert small_slide.ome_tiff
-    model = save_torchscript(HaematoxylinNuclei(), tmp_path / "nuclei.pt")
+def _explained_nuclei(source: Path, out: Path, steps: int) -> tuple[SlideResult, WrittenResults]:
+    """``source`` scored with the toy haematoxylin nucleus model, explained on two tiles; results
+    written under ``out``."""
+    model = save_torchscript(HaematoxylinNuclei(), out / "nuclei.pt")
     overrides = [
         "tiling.workers=1",
         f'nuclei.model="{model}"',
         'nuclei.model_channels="hdab"',
         "explain.integrated_gradients=true",
         "explain.tiles=2",
-        "explain.steps=8",
+        f"explain.steps={steps}",
     ]
-    with open_slide(small_slide.ome_tiff) as slide:
+    with open_slide(source) as slide:
         result = analyse(slide, load_settings("ki67", overrides))
-        written = write_results(result, slide, tmp_path / "out")
+        return result, write_results(result, slide, out / "out")
+
+
+def test_a_nucleus_model_that_reads_haematoxylin_is_seen_to(small_slide: SynthOutput, tmp_path: Path) -> None:
+    """The toy nucleus model's logit is 40 × (haematoxylin OD − 0.15): its attributions are
+    haematoxylin OD × 40, so they correlate with haematoxylin (r > 0.99) and much less with DAB;
+    written to the JSON, the CLI summary and an attribution PNG."""
+    assert small_slide.ome_tiff
+    result, written = _explained_nuclei(small_slide.ome_tiff, tmp_path, steps=8)
     (e,) = result.explanations
     assert e.model == "nuclei" and len(e.tiles) == 2
     assert e.hematoxylin_correlation > 0.99 and e.dab_correlation < e.hematoxylin_correlation - 0.2
@@ -106,18 +112,7 @@ def test_attributions_as_a_parametric_map(small_slide: SynthOutput, tmp_path: Pa
     mapped values over each explained tile average to the tile's mean attribution, there is no value
     elsewhere, and dciodvfy finds no error."""
     assert small_slide.dicom_dir
-    model = save_torchscript(HaematoxylinNuclei(), tmp_path / "nuclei.pt")
-    overrides = [
-        "tiling.workers=1",
-        f'nuclei.model="{model}"',
-        'nuclei.model_channels="hdab"',
-        "explain.integrated_gradients=true",
-        "explain.tiles=2",
-        "explain.steps=4",
-    ]
-    with open_slide(small_slide.dicom_dir) as slide:
-        result = analyse(slide, load_settings("ki67", overrides))
-        written = write_results(result, slide, tmp_path / "out")
+    result, written = _explained_nuclei(small_slide.dicom_dir, tmp_path, steps=4)
     (e,) = result.explanations
     (path,) = written.dicom["attribution"]
     pm = pydicom.dcmread(path)
