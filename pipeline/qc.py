@@ -10,7 +10,6 @@ On the same low-resolution read as tissue detection (8 µm/px), white-balanced t
 * **Folds and overlaps**: tissue lying twice absorbs in both stains at once — haematoxylin and DAB
   OD both over ``qc.fold_od`` at this resolution, where single-layer tissue, even dense tumour
   full of strongly stained nuclei, stays under it.
-
 * **Edge** (opt-in, ``qc.edge_um`` > 0): the rim of each tissue piece (holes and lumina filled,
   so only the section's cut edges count), where IHC often stains more strongly (edge artefact).
 
@@ -37,9 +36,9 @@ softened) have no detector of their own; the focus check leaves out part of thei
 0.40 with three bubbles on a 3072² slide, seed 75) and the Ki-67 index stays within 0.6 points of
 the bubble-free twin's. The generator's folds (``SynthSpec.folds``: the section lying twice, so
 twice the optical density) are pale where the tissue under them is, and the both-stains rule
-above finds none of them (two 3072² slides, seeds 71 and 72); a rule on local contrast (OD sum at least 1.6–2×
-the median of the tissue within 250 µm) found at most 10 % of them and called 10–12 % of the
-real, fold-free OS-2 tissue a fold, so it was not taken.
+above finds none of them (two 3072² slides, seeds 71 and 72); a rule on local contrast (OD sum
+at least 1.6–2× the median of the tissue within 250 µm) found at most 10 % of them and called
+10–12 % of the real, fold-free OS-2 tissue a fold, so it was not taken.
 """
 
 from __future__ import annotations
