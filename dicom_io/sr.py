@@ -92,7 +92,8 @@ ALERT = _private("ALERT", "Automated analysis alert")
 
 def alert_code_value(code: AlertCode) -> str:
     """The alert's Code Value: its name with hyphens, shortened to the 16 characters SH allows."""
-    return {AlertCode.UNCERTAIN_CATEGORY: "UNCERTAIN-CAT"}.get(code, code.value.replace("_", "-"))
+    short = {AlertCode.UNCERTAIN_CATEGORY: "UNCERTAIN-CAT", AlertCode.PALE_COUNTERSTAIN: "PALE-STAIN"}
+    return short.get(code, code.value.replace("_", "-"))
 
 
 ALERT_VALUES = {code: _private(alert_code_value(code), code.meaning) for code in AlertCode}

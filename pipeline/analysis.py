@@ -50,7 +50,7 @@ from pipeline.qc import (
     QcMap,
     artefacts_from_rgb,
     blur_mask,
-    counterstain_missing,
+    counterstain_check,
     focus_block_px,
     focus_blocks,
 )
@@ -414,6 +414,7 @@ def analyse(
     background = _background(settings, tissue)
     qc: dict[str, dict[str, float]] = {}
     qc_failed: list[str] = []  # why the result is not valid
+    counterstain: tuple[bool, str] | None = None
     qc_map = None
     before_mm2 = tissue.area_mm2
     if settings.qc.enabled:
@@ -451,13 +452,14 @@ def analyse(
         if level is None:
             level = round(nuclear_hematoxylin_level(tiles, stains, background, settings.nuclei.sigma_um / mpp), 4)
             detection["nuclear_hematoxylin_od"] = level
-        missing = counterstain_missing(level, settings.qc)
-        if missing:
-            log.warning("%s: %s", slide.path, missing)
-            qc_failed.append(missing)
+        counterstain = counterstain_check(level, settings.qc)
+        if counterstain is not None:
+            log.warning("%s: %s", slide.path, counterstain[1])
+            if counterstain[0]:
+                qc_failed.append(counterstain[1])
     if detection["threshold"] != configured.nuclei.threshold:
         log.info(
-            "%s: pale counterstain (nuclear haematoxylin %.3f OD): nucleus threshold %.3f instead of %.3f",
+            "%s: nuclear haematoxylin level %.3f OD: adaptive nucleus threshold %.3f instead of %.3f",
             slide.path,
             detection["nuclear_hematoxylin_od"],
             detection["threshold"],
@@ -590,6 +592,8 @@ def analyse(
     if qc_failed:
         message = "; ".join(qc_failed) + "; the result is not valid"
         alerts.insert(0, {"code": AlertCode.QC_FAILED.value, "message": message})
+    if counterstain is not None and not counterstain[0]:
+        alerts.append({"code": AlertCode.PALE_COUNTERSTAIN.value, "message": counterstain[1]})
     uncertainty = None
     if settings.uncertainty.enabled:
         uncertainty = score_intervals(cells, intensity_value(cells, settings.intensity), scores, settings)

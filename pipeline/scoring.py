@@ -28,6 +28,7 @@ class AlertCode(StrEnum):
     HER2_EQUIVOCAL = "HER2_EQUIVOCAL"
     UNCERTAIN_CATEGORY = "UNCERTAIN_CATEGORY"
     QC_FAILED = "QC_FAILED"
+    PALE_COUNTERSTAIN = "PALE_COUNTERSTAIN"
 
     @property
     def meaning(self) -> str:
@@ -44,7 +45,8 @@ _ALERT_MEANINGS = {  # at most 64 characters: a DICOM Code Meaning
     AlertCode.LOW_POSITIVE: "ER or PR low positive (1-10 % of tumour cells)",
     AlertCode.HER2_EQUIVOCAL: "HER2 2+ (equivocal): reflex in-situ hybridisation",
     AlertCode.UNCERTAIN_CATEGORY: "95 % interval spans two clinical categories",
-    AlertCode.QC_FAILED: "Too little usable tissue after quality control; not valid",
+    AlertCode.QC_FAILED: "Quality control failed (usable tissue, counterstain); not valid",
+    AlertCode.PALE_COUNTERSTAIN: "Pale counterstain: pale negative nuclei may be missed",
 }
 
 

@@ -1,9 +1,12 @@
-"""Colour differences between scanners, as transforms of a real slide's RGB pixels.
+"""Colour differences between scanners (and a paler counterstain), as transforms of a real slide's
+RGB pixels.
 
 No second scanner's copy of a slide is at hand, so ``bench/drift.py`` and the tests apply these
 to a real slide and score the copies: white balance (per-channel gains), the tone curve (a gamma:
 it turns every optical density OD relative to white into gamma × OD), colour saturation, softer
-optics, and all of them together. Each takes and returns float RGB (0–255, not clipped).
+optics, and all of them together; :func:`counterstain` redraws the slide with less haematoxylin,
+as a lab whose counterstain runs pale would stain it. Each takes and returns float RGB (0–255, not
+clipped).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections.abc import Callable
 
 import cv2
 import numpy as np
+
+from pipeline.stains import StainMatrix, deconvolve
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -49,6 +54,19 @@ def combined() -> Transform:
         for step in steps:
             rgb = step(rgb)
         return rgb
+
+    return apply
+
+
+def counterstain(scale: float, stains: StainMatrix | None = None) -> Transform:
+    """The haematoxylin of every pixel times ``scale`` (colour deconvolution against white 255 with
+    ``stains``, QuPath's H-DAB defaults unless given; DAB and the residual kept)."""
+    matrix = stains or StainMatrix()
+
+    def apply(rgb: np.ndarray) -> np.ndarray:
+        amounts = deconvolve(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), matrix, 255.0).astype(np.float64)
+        amounts[..., 0] *= scale
+        return 255.0 * np.power(10.0, -(amounts @ matrix.matrix()))
 
     return apply
 

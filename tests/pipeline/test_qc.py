@@ -238,7 +238,8 @@ def test_the_cut_edge_is_left_out_only_when_asked() -> None:
 
 def test_a_slide_without_counterstain_is_not_valid(tmp_path: Path) -> None:
     """Nuclear haematoxylin at 5 % of the usual strength: no nucleus can be found reliably, so the
-    result says QC_FAILED and why; the very pale but present counterstain of the hard cases does not."""
+    result says QC_FAILED and why; the very pale but present counterstain of the hard cases (level
+    0.12) is scored, with a PALE_COUNTERSTAIN alert."""
     for scale, fails in ((0.05, True), (0.2, False)):
         slide = generate(
             SynthSpec(width=1024, height=1024, seed=53, counterstain_scale=scale), tmp_path / str(scale), ("ome",)
@@ -249,4 +250,7 @@ def test_a_slide_without_counterstain_is_not_valid(tmp_path: Path) -> None:
         failed = [a["message"] for a in result.alerts if a["code"] == "QC_FAILED"]
         assert bool(failed) == fails, (scale, result.detection)
         if fails:
-            assert "no counterstain" in failed[0] and "qc.min_counterstain_od" in failed[0]
+            assert "too little counterstain" in failed[0] and "qc.min_counterstain_od" in failed[0]
+        else:
+            (pale,) = [a["message"] for a in result.alerts if a["code"] == "PALE_COUNTERSTAIN"]
+            assert "qc.pale_counterstain_od" in pale
