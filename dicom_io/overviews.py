@@ -7,8 +7,9 @@
   - ``h_score``: H-score of the tumour and stroma cells (0–300);
   - ``positive``: % positive of the tumour and stroma cells;
   - ``tumour_positive``: % positive of the tumour cells only (the Ki-67 index of a Ki-67 slide);
-  - ``tumour``: % of the block's tissue the compartment map calls tumour (the built-in
-    segmentation's decision, or a segmentation model's; its probabilities are not kept);
+  - ``tumour``: with a segmentation model, its mean tumour probability over the block's tissue
+    (× 100); with the built-in rule, which has no probability, the % of the block's tissue it calls
+    tumour;
   - ``qc``: % of the block's tissue quality control left out.
 * ``overview.png``: the slide's thumbnail with the tumour region outlined in red and the areas
   quality control left out in cyan.
@@ -40,14 +41,15 @@ BLOCK_SCORES = {"h_score": 300.0, "positive": 100.0, "tumour_positive": 100.0, "
 
 
 def _grid_share(part: np.ndarray, whole: np.ndarray, mpp: float, block_um: float, shape: tuple[int, int]) -> np.ndarray:
-    """Per block of a ``shape`` (rows, columns) grid: 100 × the pixels of ``part`` over those of
-    ``whole`` (boolean maps at ``mpp`` from the origin), NaN where ``whole`` has none."""
+    """Per block of a ``shape`` (rows, columns) grid: 100 × the mean of ``part`` (a boolean or 0–1
+    map) over the pixels of ``whole`` (boolean; both at ``mpp`` from the origin), NaN where ``whole``
+    has none."""
     rows, cols = shape
     by = np.minimum(((np.arange(whole.shape[0]) + 0.5) * mpp / block_um).astype(np.int64), rows - 1)
     bx = np.minimum(((np.arange(whole.shape[1]) + 0.5) * mpp / block_um).astype(np.int64), cols - 1)
     index = (by[:, None] * cols + bx[None, :]).ravel()
     n = np.bincount(index, weights=whole.ravel().astype(np.float64), minlength=rows * cols)
-    k = np.bincount(index, weights=(part & whole).ravel().astype(np.float64), minlength=rows * cols)
+    k = np.bincount(index, weights=np.where(whole, part, 0).ravel().astype(np.float64), minlength=rows * cols)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(n > 0, 100.0 * k / n, np.nan).reshape(rows, cols)
 
@@ -81,7 +83,8 @@ def block_scores(result: SlideResult, block_um: float, shape_um: tuple[float, fl
                 out["tumour_positive"] = 100.0 * positive.reshape(rows, cols)
     comp = result.compartments
     tissue = np.isin(comp.labels, (Compartment.TUMOUR, Compartment.STROMA, Compartment.OTHER))
-    out["tumour"] = _grid_share(comp.labels == Compartment.TUMOUR, tissue, comp.mpp, block_um, (rows, cols))
+    part = comp.labels == Compartment.TUMOUR if comp.tumour_probability is None else comp.tumour_probability
+    out["tumour"] = _grid_share(part, tissue, comp.mpp, block_um, (rows, cols))
     if result.qc_map is not None:
         left_out = result.qc_map.mask
         whole = left_out | result.tissue.mask[: left_out.shape[0], : left_out.shape[1]]

@@ -53,6 +53,22 @@ HEATMAPS = {
     "qc": ("QCPCT", QC_EXCLUDED_PERCENT, _PERCENT, "local % left out by QC"),
 }
 
+#: The tumour map of a segmentation model: its mean tumour probability, not an area share.
+TUMOUR_PROBABILITY = (
+    "TUMPRB",
+    hd.sr.CodedConcept("TUMOUR-PROB", SCHEME, "Tumour probability"),
+    _PERCENT,
+    "local mean tumour probability",
+)
+
+
+def heatmap_spec(result: SlideResult, score: str) -> tuple[str, hd.sr.CodedConcept, hd.sr.CodedConcept, str]:
+    """LUT label, quantity, unit and description of a block score's map for this result."""
+    if score == "tumour" and result.compartments.tumour_probability is not None:
+        return TUMOUR_PROBABILITY
+    return HEATMAPS[score]
+
+
 #: Segments per score in the banded SEG.
 HEATMAP_BANDS = 4
 
@@ -88,7 +104,7 @@ def build_heatmap(
     Map on the source level nearest the compartment map. Stored value = score + 1; 0 (no cells, or
     no tissue, in the block) lies outside the real-world value mapping, so a reader gets no value
     there rather than a fake score."""
-    lut_label, quantity, unit, what = HEATMAPS[score]
+    lut_label, quantity, unit, what = heatmap_spec(result, score)
     top = int(BLOCK_SCORES[score])
     level = volumes[choose_level(volumes, result.compartments.mpp)]
     values = _scores_on_level(result, level, block_um)[score]
@@ -220,7 +236,7 @@ def build_heatmap_bands(
         name=f"{SOFTWARE_NAME} block scores", version=software_version(), family=codes.cid7162.NeighborhoodAnalysis
     )
     for score in scores:
-        lut_label, quantity, unit, what = HEATMAPS[score]
+        lut_label, quantity, unit, what = heatmap_spec(result, score)
         top = BLOCK_SCORES[score]
         values = on_level[score]
         for band in range(HEATMAP_BANDS):

@@ -64,6 +64,9 @@ class CompartmentMap:
     labels: np.ndarray
     mpp: float
     method: str
+    #: A segmentation model's tumour probability on the same grid (float32, 0 off the tissue);
+    #: None for the built-in rule, which decides without one.
+    tumour_probability: np.ndarray | None = None
 
     def area_mm2(self, label: int) -> float:
         return float((self.labels == label).sum()) * (self.mpp / 1000.0) ** 2
@@ -205,6 +208,9 @@ class TorchScriptSegmenter:
         grid = slide.grid(s.model_mpp, s.model_tile_size)
         labels = np.full((grid.height, grid.width), FAT_BACKGROUND, np.uint8)
         cores = list(grid.cores())
+        classes = list(s.model_classes)
+        tumour_index = classes.index("tumour") if "tumour" in classes else None
+        probability = np.zeros((grid.height, grid.width), np.float32) if tumour_index is not None else None
         for start in range(0, len(cores), s.batch_size):
             batch = cores[start : start + s.batch_size]
             arrays = []
@@ -224,9 +230,21 @@ class TorchScriptSegmenter:
             cls = out.argmax(1).to("cpu").numpy()
             for (x, y, w, h), c in zip(batch, cls, strict=True):
                 labels[y : y + h, x : x + w] = self._lut[c[:h, :w]]
+            if probability is not None:
+                tumour = torch.softmax(out.float(), 1)[:, tumour_index].to("cpu").numpy()
+                for (x, y, w, h), p in zip(batch, tumour, strict=True):
+                    probability[y : y + h, x : x + w] = p[:h, :w]
         # Resample to the tissue mask grid and keep labels inside tissue only.
         th, tw = tissue.mask.shape
         zoom = (th / labels.shape[0], tw / labels.shape[1])
         resampled = _fit(ndimage.zoom(labels, zoom, order=0, grid_mode=True, mode="nearest"), (th, tw))
         resampled = np.where(tissue.mask, resampled, FAT_BACKGROUND).astype(np.uint8)
-        return CompartmentMap(labels=resampled, mpp=tissue.mpp, method=f"model:{Path(str(s.model)).name}")
+        if probability is not None:
+            smooth = _fit(ndimage.zoom(probability, zoom, order=1, grid_mode=True, mode="nearest"), (th, tw))
+            probability = np.where(tissue.mask, np.clip(smooth, 0.0, 1.0), 0.0).astype(np.float32)
+        return CompartmentMap(
+            labels=resampled,
+            mpp=tissue.mpp,
+            method=f"model:{Path(str(s.model)).name}",
+            tumour_probability=probability,
+        )

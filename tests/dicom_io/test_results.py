@@ -545,3 +545,42 @@ def test_png_overviews_show_the_block_scores(dicom_results: tuple[SlideResult, W
     # The tumour outline is drawn in red.
     red = (overview[..., 0] > 200) & (overview[..., 1] < 50) & (overview[..., 2] < 50)
     assert red.any()
+
+
+def test_a_segmentation_models_tumour_probability_is_its_heat_map(small_slide: SynthOutput, tmp_path: Path) -> None:
+    """With a segmentation model the tumour heat map is its mean tumour probability over each block's
+    tissue (LUT label TUMPRB), not the share of tumour pixels."""
+    from pipeline.synth.toy_models import DarknessCompartments, save_torchscript
+
+    model = save_torchscript(DarknessCompartments(), tmp_path / "dark.pt")
+    overrides = [
+        "tiling.workers=1",
+        'segmentation.method="model"',
+        f'segmentation.model="{model}"',
+        "segmentation.model_mpp=4.0",
+        "segmentation.model_tile_size=64",
+        "outputs.heatmap=true",
+    ]
+    assert small_slide.dicom_dir
+    with open_slide(small_slide.dicom_dir) as slide:
+        result = analyse(slide, load_settings("ki67", overrides))
+        written = write_results(result, slide, tmp_path / "out")
+    comp = result.compartments
+    assert comp.tumour_probability is not None
+    block = result.settings.outputs.heatmap_um
+    f = round(block / comp.mpp)
+    blocks = block_scores(result, block, (comp.labels.shape[1] * comp.mpp, comp.labels.shape[0] * comp.mpp))["tumour"]
+    checked = 0
+    for r in range(comp.labels.shape[0] // f):
+        for c in range(comp.labels.shape[1] // f):
+            tissue = comp.labels[r * f : (r + 1) * f, c * f : (c + 1) * f] > 0
+            if tissue.any():
+                p = comp.tumour_probability[r * f : (r + 1) * f, c * f : (c + 1) * f][tissue].astype(np.float64)
+                assert blocks[r, c] == pytest.approx(100.0 * p.mean(), abs=1e-6)
+                checked += 1
+    assert checked >= 2
+    labels = [
+        pydicom.dcmread(p).SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].LUTLabel
+        for p in written.dicom["heatmap"]
+    ]
+    assert "TUMPRB" in labels and "TUMPCT" not in labels

@@ -53,6 +53,14 @@ def test_model_labels_the_slide(suffix: str, small_slide: SynthOutput, tmp_path:
     agreement = (result.labels[inside] == expected[inside]).mean()
     assert agreement > 0.8  # the model saw 4 µm/px tiles, the check 8 µm/px pixels
     assert (result.labels == TUMOUR).any() and (result.labels == STROMA).any()
+    # The model's tumour probability is kept (for the heat map): the softmax of its logits, so
+    # where the darkness (here at 8 µm/px, the model saw 4) is well above the cut-off it is high, well
+    # below it low.
+    p = result.tumour_probability
+    assert p is not None and p.shape == tissue.mask.shape and p.min() >= 0 and p.max() <= 1
+    assert (p[~tissue.mask] == 0).all()
+    assert p[inside & (dark > 0.4)].mean() > 0.7 and p[inside & (dark < 0.15)].mean() < 0.2
+    assert p[result.labels == TUMOUR].mean() > p[result.labels == STROMA].mean() + 0.5
 
 
 def test_model_errors_are_clear(small_slide: SynthOutput, tmp_path: Path) -> None:
