@@ -42,7 +42,9 @@ the bubble-free twin's. The generator's folds (``SynthSpec.folds``: the section 
 twice the optical density) are pale where the tissue under them is, and the both-stains rule
 above finds none of them (two 3072² slides, seeds 71 and 72); a rule on local contrast (OD sum
 at least 1.6–2× the median of the tissue within 250 µm) found at most 10 % of them and called
-10–12 % of the real, fold-free OS-2 tissue a fold, so it was not taken.
+10–12 % of the real, fold-free OS-2 tissue a fold, so it was not taken. Left in, two such folds
+on a 3072² slide (seed 71) moved the Ki-67 index by 0.02 points and the tumour H-score by +4.6
+against the fold-free twin.
 """
 
 from __future__ import annotations
