@@ -187,16 +187,12 @@ def build_attribution_map(
     mpp = level_mpp(level)
     values = np.full((rows, cols), np.nan)
     for (x_um, y_um), _, attribution in explanation.tiles:
-        tile_mpp = explanation.mpp
+        # The tile at its own size on this level, then cut where the level ends.
         h, w = attribution.shape
-        r0, c0 = int(np.floor(y_um / mpp)), int(np.floor(x_um / mpp))
-        r1, c1 = (
-            min(rows, int(np.ceil((y_um + h * tile_mpp) / mpp))),
-            min(cols, int(np.ceil((x_um + w * tile_mpp) / mpp))),
-        )
-        if r1 <= r0 or c1 <= c0:
-            continue
-        values[r0:r1, c0:c1] = cv2.resize(attribution, (c1 - c0, r1 - r0), interpolation=cv2.INTER_AREA)
+        r0, c0 = round(y_um / mpp), round(x_um / mpp)
+        size = (max(1, round(w * explanation.mpp / mpp)), max(1, round(h * explanation.mpp / mpp)))
+        part = cv2.resize(attribution, size, interpolation=cv2.INTER_AREA)[: max(0, rows - r0), : max(0, cols - c0)]
+        values[r0 : r0 + part.shape[0], c0 : c0 + part.shape[1]] = part
     top = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
     scale = (top or 1.0) / (ATTRIBUTION_ZERO - 1)
     pixels = np.where(np.isnan(values), 0, np.rint(np.nan_to_num(values) / scale) + ATTRIBUTION_ZERO).astype(np.uint16)
