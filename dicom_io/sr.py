@@ -13,6 +13,7 @@ for a pathologist.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,13 @@ ALLRED = {
 TPS = _private("PDL1-TPS", "PD-L1 tumour proportion score")
 QC_EXCLUDED_AREA = _private("QC-EXCLUDED", "Tissue area left out by quality control")
 QC_EXCLUDED_PERCENT = _private("QC-EXCLUDED-PCT", "Share of tissue left out by quality control")
+#: Pearson r of a model plug-in's integrated-gradients attributions with a stain's OD
+#: (:mod:`pipeline.explain`), per model and stain.
+ATTRIBUTION_CORRELATION = {
+    (model, stain): _private(f"IG-R-{code}-{short}", f"{name} model attributions vs {label} OD (Pearson r)")
+    for model, short, name in (("segmentation", "SEG", "Segmentation"), ("nuclei", "NUC", "Nucleus"))
+    for stain, code, label in (("dab", "DAB", "DAB"), ("hematoxylin", "H", "haematoxylin"))
+}
 HER2_SCORE = CodedConcept("48676-1", "LN", "HER2 [Interpretation] in Tissue")
 #: Concept name of every alert: one qualitative evaluation per alert, its code the value.
 ALERT = _private("ALERT", "Automated analysis alert")
@@ -176,6 +184,10 @@ def slide_level_content(result: SlideResult) -> tuple[list[hd.sr.Measurement], l
     if result.qc:
         measurements.append(_m(QC_EXCLUDED_AREA, sum(q["area_mm2"] for q in result.qc.values()), MM2))
         measurements.append(_m(QC_EXCLUDED_PERCENT, sum(q["percent_of_tissue"] for q in result.qc.values()), PERCENT))
+    for e in result.explanations:
+        for stain, r in (("dab", e.dab_correlation), ("hematoxylin", e.hematoxylin_correlation)):
+            if math.isfinite(r):
+                measurements.append(_m(ATTRIBUTION_CORRELATION[(e.model, stain)], r, ONE))
     kind = result.settings.scores.kind
     if kind in RECEPTOR_PERCENT:
         measurements.append(

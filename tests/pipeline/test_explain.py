@@ -128,5 +128,20 @@ def test_attributions_as_a_parametric_map(small_slide: SynthOutput, tmp_path: Pa
         inside[r0:r1, c0:c1] = True
         assert values[r0:r1, c0:c1].mean() == pytest.approx(float(attribution.mean()), rel=0.01)
     assert (stored[~inside] == 0).all() and (stored[inside] > 0).all()
-    run = subprocess.run([require_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=120)
-    assert not [line for line in run.stderr.splitlines() if line.startswith("Error")], run.stderr
+    # The correlations are measurements of the SR's slide group too.
+    sr = pydicom.dcmread(written.dicom["sr"][0])
+    found = {}
+
+    def walk(items: pydicom.Sequence) -> None:
+        for item in items:
+            code = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
+            if code.startswith("IG-R-") and "MeasuredValueSequence" in item:
+                found[code] = float(item.MeasuredValueSequence[0].NumericValue)
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert found["IG-R-H-NUC"] == pytest.approx(e.hematoxylin_correlation, abs=1e-6)
+    assert found["IG-R-DAB-NUC"] == pytest.approx(e.dab_correlation, abs=1e-6)
+    for obj in (path, written.dicom["sr"][0]):
+        run = subprocess.run([require_tool("dciodvfy"), str(obj)], capture_output=True, text=True, timeout=120)
+        assert not [line for line in run.stderr.splitlines() if line.startswith("Error")], run.stderr
