@@ -193,6 +193,8 @@ def generate(
         Image.fromarray(model.truth_fold().astype(np.uint8) * 255).save(truth_dir / "fold.png")
     if spec.bubbles:
         Image.fromarray(model.truth_bubble().astype(np.uint8) * 255).save(truth_dir / "bubble.png")
+    if spec.overexposed:
+        Image.fromarray(model.truth_overexposed().astype(np.uint8) * 255).save(truth_dir / "overexposed.png")
     truth = {
         "spec": spec.model_dump(),
         "truth_step_px": model.truth_step_px,

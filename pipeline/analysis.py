@@ -53,6 +53,7 @@ from pipeline.qc import (
     counterstain_check,
     focus_block_px,
     focus_blocks,
+    overexposed,
 )
 from pipeline.scoring import Alert, AlertCode, CompartmentSummary
 from pipeline.segmentation import (
@@ -293,7 +294,7 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
         "cells": cells,
         "pixel_keys": keys,
         "pixel_counts": counts,
-        "focus": focus_blocks(pixels[core_sl], focus_block_px(s.qc, mpp)) if s.qc.enabled else np.zeros((0, 0)),
+        "blocks": focus_blocks(pixels[core_sl], focus_block_px(s.qc, mpp)) if s.qc.enabled else np.zeros((2, 0, 0)),
         "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }
 
@@ -511,20 +512,27 @@ def analyse(
     pixel_keys = np.concatenate([np.zeros(0, np.int64), *(o["pixel_keys"] for o in outputs)])
     pixel_counts = np.concatenate([np.zeros(0, np.int64), *(o["pixel_counts"] for o in outputs)])
     if qc_map is not None:
-        # Out-of-focus regions: known only now, from the tiles; their cells and pixels leave the scores.
-        blur = blur_mask(units_done, [o["focus"] for o in outputs], mpp, tissue, settings.qc)
-        if blur.any():
-            height, width = blur.shape
-            qc_map.labels[blur] = Artefact.BLUR
-            area = float(blur.sum()) * (tissue.mpp / 1000.0) ** 2
-            qc[Artefact.BLUR.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
-            tissue = dataclasses.replace(tissue, mask=tissue.mask & ~blur)
+        # Out-of-focus and over-exposed regions: known only now, from the tiles' blocks; their cells
+        # and pixels leave the scores.
+        measures = [o["blocks"] for o in outputs]
+        for kind, found in (
+            (Artefact.BLUR, blur_mask(units_done, measures, mpp, tissue, settings.qc)),
+            (Artefact.OVEREXPOSED, overexposed(units_done, measures, mpp, tissue, settings.qc, qc_map.white_clipped)),
+        ):
+            found &= tissue.mask
+            if not found.any():
+                continue
+            height, width = found.shape
+            qc_map.labels[found] = kind
+            area = float(found.sum()) * (tissue.mpp / 1000.0) ** 2
+            qc[kind.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
+            tissue = dataclasses.replace(tissue, mask=tissue.mask & ~found)
             rows = np.clip((cells["y_um"] / tissue.mpp).astype(np.int64), 0, height - 1)
             cols = np.clip((cells["x_um"] / tissue.mpp).astype(np.int64), 0, width - 1)
-            keep = ~blur[rows, cols]
+            keep = ~found[rows, cols]
             cells = {k: v[keep] for k, v in cells.items()}
-            in_focus = ~blur.ravel()[pixel_keys // 4]
-            pixel_keys, pixel_counts = pixel_keys[in_focus], pixel_counts[in_focus]
+            usable = ~found.ravel()[pixel_keys // 4]
+            pixel_keys, pixel_counts = pixel_keys[usable], pixel_counts[usable]
     if qc:
         usable = tissue.area_mm2 / before_mm2 if before_mm2 > 0 else 0.0
         log.info(

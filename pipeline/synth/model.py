@@ -91,6 +91,9 @@ class SynthSpec(BaseModel):
     bubbles: int = Field(
         0, ge=0, le=10, description="air bubbles under the coverslip: a dark grey rim, the tissue inside paler and soft"
     )
+    overexposed: int = Field(
+        0, ge=0, le=10, description="over-exposed discs: 1.3 times the light, clipped at white (QC artefact)"
+    )
 
     @field_validator("tumour_classes", "stroma_classes")
     @classmethod
@@ -170,6 +173,7 @@ class SlideModel:
         self.blur = self._blur_patches(np.random.default_rng([spec.seed, 10]))
         self.fold = self._folds(np.random.default_rng([spec.seed, 11]))
         self.bubble = self._bubbles(np.random.default_rng([spec.seed, 12]))
+        self.overexposure = self._discs(np.random.default_rng([spec.seed, 13]), spec.overexposed, (0.1, 0.18))
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -308,6 +312,32 @@ class SlideModel:
             inside, rim = self.bubble_at(xx, yy)
             rows.append(inside | (rim > 0))
         return np.concatenate(rows, axis=0)
+
+    def _discs(self, rng: np.random.Generator, count: int, radius: tuple[float, float]) -> np.ndarray:
+        """Discs ``(x, y, radius)`` in µm over the slide's inner part, radius a share of its shorter side."""
+        side = min(self.width_um, self.height_um)
+        return np.asarray(
+            [
+                (
+                    rng.uniform(0.2, 0.8) * self.width_um,
+                    rng.uniform(0.2, 0.8) * self.height_um,
+                    rng.uniform(*radius) * side,
+                )
+                for _ in range(count)
+            ],
+            np.float64,
+        ).reshape(-1, 3)
+
+    def overexposed_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Whether the points lie in an over-exposed disc."""
+        out = np.zeros(np.shape(x_um), bool)
+        for cx, cy, r in self.overexposure:
+            out |= np.hypot(x_um - cx, y_um - cy) <= r
+        return out
+
+    def truth_overexposed(self) -> np.ndarray:
+        """Over-exposed discs on the truth grid."""
+        return np.concatenate([self.overexposed_at(xx, yy) for xx, yy in self._truth_rows()], axis=0)
 
     def truth_fold(self) -> np.ndarray:
         """Where the section lies twice (fold ≥ 0.5) on the truth grid; tissue or not."""

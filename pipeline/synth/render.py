@@ -37,6 +37,9 @@ class RenderedTile:
 #: Optical density of green marker ink (absorbs red and blue light).
 INK_OD = np.array([0.9, 0.25, 0.75])
 
+#: How much more light an over-exposed disc lets through.
+OVEREXPOSURE_GAIN = 1.3
+
 #: Optical density of a bubble's rim: grey, light refracted away in every colour.
 BUBBLE_RIM_OD = np.array([0.9, 0.9, 0.9])
 
@@ -102,6 +105,9 @@ def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> R
         ink = model.ink_at(xx[core], yy[core])
         od = od + ink[..., None] * INK_OD  # marker ink over the tissue, by Beer–Lambert like the stains
     rgb = spec.background * np.asarray(spec.colour_cast) * np.power(10.0, -od)
+    if spec.overexposed:
+        # Too much light: every channel 1.3 times brighter, clipped at white below.
+        rgb = rgb * np.where(model.overexposed_at(xx[core], yy[core]), OVEREXPOSURE_GAIN, 1.0)[..., None]
     if spec.noise_sigma > 0:
         rgb += rng.normal(0.0, spec.noise_sigma, rgb.shape)
     pixels = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)

@@ -190,6 +190,7 @@ def test_ome_outputs_round_trip(ome_results: tuple[SlideResult, WrittenResults])
         "13": "qc_blur",
         "14": "qc_saturated",
         "15": "qc_edge",
+        "16": "qc_overexposed",
     }
     with written.ome["cells"].open() as fh:
         rows = list(csv.DictReader(fh))
