@@ -181,7 +181,8 @@ def focus_blocks(pixels: np.ndarray, block_px: int) -> np.ndarray:
     variance = _block_sums(green * green, block) / n - m * m
     energy = _block_sums(laplacian * laplacian, block) / n
     glass = _block_sums((green > GLASS_GREY).astype(np.float32), block) / n
-    clipped = _block_sums((small.min(axis=-1) >= CLIPPED).astype(np.float32), block) / n
+    darkest = cv2.min(cv2.min(small[..., 0], small[..., 1]), small[..., 2])  # numpy's min(axis=-1): 20× slower
+    clipped = _block_sums((darkest >= CLIPPED).astype(np.float32), block) / n
     with np.errstate(invalid="ignore", divide="ignore"):
         sharpness = energy / variance
     sharpness[(variance <= 4.0) | (glass > 0.5)] = np.nan
