@@ -328,12 +328,17 @@ class SlideModel:
             np.float64,
         ).reshape(-1, 3)
 
-    def overexposed_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
-        """Whether the points lie in an over-exposed disc."""
+    @staticmethod
+    def _in_discs(discs: np.ndarray, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Whether the points lie in any of the ``discs`` ``(x, y, radius)``."""
         out = np.zeros(np.shape(x_um), bool)
-        for cx, cy, r in self.overexposure:
+        for cx, cy, r in discs:
             out |= np.hypot(x_um - cx, y_um - cy) <= r
         return out
+
+    def overexposed_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Whether the points lie in an over-exposed disc."""
+        return self._in_discs(self.overexposure, x_um, y_um)
 
     def truth_overexposed(self) -> np.ndarray:
         """Over-exposed discs on the truth grid."""
@@ -344,24 +349,12 @@ class SlideModel:
         return np.concatenate([self.fold_at(xx, yy) >= 0.5 for xx, yy in self._truth_rows()], axis=0)
 
     def _blur_patches(self, rng: np.random.Generator) -> np.ndarray:
-        """Out-of-focus discs ``(x, y, radius)`` in µm, over the slide's inner part."""
-        side = min(self.width_um, self.height_um)
-        patches = [
-            (
-                rng.uniform(0.2, 0.8) * self.width_um,
-                rng.uniform(0.2, 0.8) * self.height_um,
-                rng.uniform(0.12, 0.2) * side,
-            )
-            for _ in range(self.spec.blur_patches)
-        ]
-        return np.asarray(patches, np.float64).reshape(-1, 3)
+        """Out-of-focus discs (:meth:`_discs`, radius 0.12–0.2 of the shorter side)."""
+        return self._discs(rng, self.spec.blur_patches, (0.12, 0.2))
 
     def blur_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Whether the points lie in an out-of-focus patch."""
-        out = np.zeros(np.shape(x_um), bool)
-        for cx, cy, r in self.blur:
-            out |= np.hypot(x_um - cx, y_um - cy) <= r
-        return out
+        return self._in_discs(self.blur, x_um, y_um)
 
     def truth_blur(self) -> np.ndarray:
         """Out-of-focus patches on the truth grid."""
