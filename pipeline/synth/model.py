@@ -16,7 +16,7 @@ DAB optical density painted in the cell's stained compartment, cut at
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Literal
 
@@ -202,6 +202,10 @@ class SlideModel:
             ys = (np.arange(r0, min(ny, r0 + chunk)) + 0.5) * s * self.spec.mpp
             yield np.meshgrid(xs, ys)
 
+    def _on_truth_grid(self, at: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+        """``at(x_um, y_um)`` over the whole truth grid, a chunk of rows at a time."""
+        return np.concatenate([at(xx, yy) for xx, yy in self._truth_rows()], axis=0)
+
     def _calibrate(self) -> tuple[float, float]:
         # Only the field values of tissue points are kept (float32), row chunk by chunk.
         tumour_values = []
@@ -307,11 +311,12 @@ class SlideModel:
 
     def truth_bubble(self) -> np.ndarray:
         """Bubbles, rim included, on the truth grid."""
-        rows = []
-        for xx, yy in self._truth_rows():
+
+        def covered(xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
             inside, rim = self.bubble_at(xx, yy)
-            rows.append(inside | (rim > 0))
-        return np.concatenate(rows, axis=0)
+            return inside | (rim > 0)
+
+        return self._on_truth_grid(covered)
 
     def _discs(self, rng: np.random.Generator, count: int, radius: tuple[float, float]) -> np.ndarray:
         """Discs ``(x, y, radius)`` in µm over the slide's inner part, radius a share of its shorter side."""
@@ -342,11 +347,11 @@ class SlideModel:
 
     def truth_overexposed(self) -> np.ndarray:
         """Over-exposed discs on the truth grid."""
-        return np.concatenate([self.overexposed_at(xx, yy) for xx, yy in self._truth_rows()], axis=0)
+        return self._on_truth_grid(self.overexposed_at)
 
     def truth_fold(self) -> np.ndarray:
         """Where the section lies twice (fold ≥ 0.5) on the truth grid; tissue or not."""
-        return np.concatenate([self.fold_at(xx, yy) >= 0.5 for xx, yy in self._truth_rows()], axis=0)
+        return self._on_truth_grid(lambda xx, yy: self.fold_at(xx, yy) >= 0.5)
 
     def _blur_patches(self, rng: np.random.Generator) -> np.ndarray:
         """Out-of-focus discs (:meth:`_discs`, radius 0.12–0.2 of the shorter side)."""
@@ -358,15 +363,15 @@ class SlideModel:
 
     def truth_blur(self) -> np.ndarray:
         """Out-of-focus patches on the truth grid."""
-        return np.concatenate([self.blur_at(xx, yy) for xx, yy in self._truth_rows()], axis=0)
+        return self._on_truth_grid(self.blur_at)
 
     def truth_ink(self) -> np.ndarray:
         """Where marker ink covers the slide (ink density ≥ 0.5) on the truth grid."""
-        return np.concatenate([self.ink_at(xx, yy) >= 0.5 for xx, yy in self._truth_rows()], axis=0)
+        return self._on_truth_grid(lambda xx, yy: self.ink_at(xx, yy) >= 0.5)
 
     def truth_labels(self) -> np.ndarray:
         """Compartment labels on the truth grid (``truth_step_px`` level-0 px per pixel)."""
-        return np.concatenate([self.labels_at(xx, yy) for xx, yy in self._truth_rows()], axis=0)
+        return self._on_truth_grid(self.labels_at)
 
     def stroma_angle(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         return np.pi * self._angle.sample(x_um, y_um)
