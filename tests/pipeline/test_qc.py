@@ -58,16 +58,21 @@ def _tissue_and_qc(path: Path) -> tuple[TissueMask, QcMap]:
     return tissue, artefacts_from_rgb(low, tissue, settings.qc, StainMatrix())
 
 
-def test_marker_ink_is_found_where_the_generator_drew_it(inked: Twins) -> None:
-    slide, _ = inked["inked"]
-    assert slide.ome_tiff
-    _, qc = _tissue_and_qc(slide.ome_tiff)
-    truth = np.array(Image.open(slide.truth_dir / "ink.png")) > 0
+def _truth_on_qc_grid(slide: SynthOutput, name: str, qc: QcMap) -> np.ndarray:
+    """The generator's truth mask ``truth/<name>.png`` at the centres of the QC map's pixels."""
+    truth = np.array(Image.open(slide.truth_dir / f"{name}.png")) > 0
     step = slide.truth["truth_step_px"] * 0.5
     yy, xx = np.indices(qc.labels.shape)
     rows = np.clip(((yy + 0.5) * qc.mpp / step).astype(int), 0, truth.shape[0] - 1)
     cols = np.clip(((xx + 0.5) * qc.mpp / step).astype(int), 0, truth.shape[1] - 1)
-    real, found = truth[rows, cols], qc.labels == Artefact.INK
+    return truth[rows, cols]
+
+
+def test_marker_ink_is_found_where_the_generator_drew_it(inked: Twins) -> None:
+    slide, _ = inked["inked"]
+    assert slide.ome_tiff
+    _, qc = _tissue_and_qc(slide.ome_tiff)
+    real, found = _truth_on_qc_grid(slide, "ink", qc), qc.labels == Artefact.INK
     assert (real & found).sum() / (real | found).sum() >= 0.8
 
 
@@ -133,10 +138,7 @@ def test_out_of_focus_patches_are_found_and_left_out(defocused: Twins) -> None:
     truth = np.array(Image.open(slide.truth_dir / "blur.png")) > 0
     step = slide.truth["truth_step_px"] * 0.5
     q = result.qc_map
-    yy, xx = np.indices(q.labels.shape)
-    rows = np.clip(((yy + 0.5) * q.mpp / step).astype(int), 0, truth.shape[0] - 1)
-    cols = np.clip(((xx + 0.5) * q.mpp / step).astype(int), 0, truth.shape[1] - 1)
-    found, real = q.labels == Artefact.BLUR, truth[rows, cols]
+    found, real = q.labels == Artefact.BLUR, _truth_on_qc_grid(slide, "blur", q)
     tissue = result.tissue.mask | found
     iou = ((found & real & tissue).sum()) / ((found | real) & tissue).sum()
     assert iou >= 0.8  # 48 µm blocks on a disc's rim
@@ -267,14 +269,9 @@ def test_overexposed_discs_are_found_and_left_out(tmp_path: Path) -> None:
     slide, result = twins["bright"]
     _, ok = twins["ok"]
     assert "overexposed" in result.qc and "overexposed" not in ok.qc
-    truth = np.array(Image.open(slide.truth_dir / "overexposed.png")) > 0
-    step = slide.truth["truth_step_px"] * 0.5
     q = result.qc_map
     assert q is not None
-    yy, xx = np.indices(q.labels.shape)
-    rows = np.clip(((yy + 0.5) * q.mpp / step).astype(int), 0, truth.shape[0] - 1)
-    cols = np.clip(((xx + 0.5) * q.mpp / step).astype(int), 0, truth.shape[1] - 1)
-    found, real = q.labels == Artefact.OVEREXPOSED, truth[rows, cols]
+    found, real = q.labels == Artefact.OVEREXPOSED, _truth_on_qc_grid(slide, "overexposed", q)
     tissue = result.tissue.mask | (q.labels != Artefact.NONE)  # tissue as detected, artefacts included
     precision = (found & real).sum() / found.sum()
     recall = (found & real & tissue).sum() / (real & tissue).sum()
