@@ -65,22 +65,22 @@ def block_scores(result: SlideResult, block_um: float, shape_um: tuple[float, fl
     bx = np.clip((cells["x_um"] / block_um).astype(np.int64), 0, cols - 1)
     by = np.clip((cells["y_um"] / block_um).astype(np.int64), 0, rows - 1)
     classes = cells["intensity_class"].astype(np.float64)
-    out: dict[str, np.ndarray] = {}
-    for name, which in (
-        ("scored", (Compartment.TUMOUR, Compartment.STROMA)),
-        ("tumour", (Compartment.TUMOUR,)),
-    ):
+
+    def per_block(which: tuple[Compartment, ...], values: np.ndarray) -> np.ndarray:
+        """100 × the mean of ``values`` over the cells of the ``which`` compartments in each block."""
         keep = np.isin(cells["compartment"], which)
         index = by[keep] * cols + bx[keep]
         n = np.bincount(index, minlength=rows * cols).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            positive = np.bincount(index, weights=(classes[keep] > 0).astype(float), minlength=rows * cols) / n
-            if name == "scored":
-                h = np.bincount(index, weights=classes[keep], minlength=rows * cols) / n
-                out["h_score"] = 100.0 * h.reshape(rows, cols)
-                out["positive"] = 100.0 * positive.reshape(rows, cols)
-            else:
-                out["tumour_positive"] = 100.0 * positive.reshape(rows, cols)
+            return 100.0 * (np.bincount(index, weights=values[keep], minlength=rows * cols) / n).reshape(rows, cols)
+
+    scored = (Compartment.TUMOUR, Compartment.STROMA)
+    positive = (classes > 0).astype(float)
+    out = {
+        "h_score": per_block(scored, classes),
+        "positive": per_block(scored, positive),
+        "tumour_positive": per_block((Compartment.TUMOUR,), positive),
+    }
     comp = result.compartments
     tissue = np.isin(comp.labels, (Compartment.TUMOUR, Compartment.STROMA, Compartment.OTHER))
     part = comp.labels == Compartment.TUMOUR if comp.tumour_probability is None else comp.tumour_probability
