@@ -27,23 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.settings import load_settings
 from dicom_io import open_slide
+from dicom_io.tiff_writer import write_rgb_ome_tiff
 from pipeline.analysis import analyse
 from pipeline.synth.scanner import SCANNER_DIFFERENCES, apply
-
-
-def _write(pixels: np.ndarray, mpp: float, path: Path) -> Path:
-    import tifffile
-
-    tifffile.imwrite(
-        path,
-        pixels,
-        ome=True,
-        photometric="rgb",
-        tile=(256, 256),
-        compression="zlib",
-        metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm"},
-    )
-    return path
 
 
 def main() -> int:
@@ -60,9 +46,9 @@ def main() -> int:
     modes = {"defaults": ["tiling.workers=1"], "stain estimation": ["tiling.workers=1", "stain.estimate=true"]}
     scores: dict[str, dict[str, float]] = {mode: {} for mode in modes}
     with tempfile.TemporaryDirectory() as tmp:
-        copies = {"original": _write(pixels, mpp, Path(tmp) / "original.ome.tif")}
+        copies = {"original": write_rgb_ome_tiff(pixels, mpp, Path(tmp) / "original.ome.tif")}
         for i, (name, transform) in enumerate(SCANNER_DIFFERENCES.items()):
-            copies[name] = _write(apply(transform, pixels), mpp, Path(tmp) / f"copy{i}.ome.tif")
+            copies[name] = write_rgb_ome_tiff(apply(transform, pixels), mpp, Path(tmp) / f"copy{i}.ome.tif")
         for mode, overrides in modes.items():
             settings = load_settings(args.profile, overrides)
             for name, path in copies.items():

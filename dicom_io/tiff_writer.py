@@ -1,4 +1,5 @@
-"""Write a JPEG tile pyramid as a pyramidal OME-TIFF or an Aperio-style SVS.
+"""Write a JPEG tile pyramid as a pyramidal OME-TIFF or an Aperio-style SVS, and one RGB image as
+a lossless OME-TIFF.
 
 Tiles are copied as encoded (tifffile accepts pre-compressed tile bytes), so
 these files carry exactly the pixels of the DICOM series written from the
@@ -24,6 +25,21 @@ _TIFF_JPEG: dict[str, dict[str, object]] = {
     "YBR_FULL": {"compression": "jpeg", "photometric": "ycbcr", "subsampling": (1, 1)},
     "RGB": {"compression": "jpeg", "photometric": "rgb"},
 }
+
+
+def write_rgb_ome_tiff(pixels: np.ndarray, mpp: float, path: Path) -> Path:
+    """``pixels`` (H × W × 3 uint8) as a one-level OME-TIFF at ``mpp`` µm/px, tiled and deflated
+    (lossless: a copy that differs from its source only where the pixels were changed)."""
+    tifffile.imwrite(
+        path,
+        pixels,
+        ome=True,
+        photometric="rgb",
+        tile=(256, 256),
+        compression="zlib",
+        metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm"},
+    )
+    return path
 
 
 def _write_level(tw: tifffile.TiffWriter, level: EncodedLevel, **kwargs: object) -> None:

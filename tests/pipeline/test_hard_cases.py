@@ -17,6 +17,7 @@ from scipy.spatial import cKDTree
 from adapter.synth import SynthOutput, generate
 from config.settings import load_settings
 from dicom_io import open_slide
+from dicom_io.tiff_writer import write_rgb_ome_tiff
 from pipeline.analysis import SlideResult, analyse
 from pipeline.synth.cases import hard_cases
 from pipeline.synth.scanner import SCANNER_DIFFERENCES, apply, counterstain
@@ -122,11 +123,7 @@ def test_a_real_slide_under_another_scanners_colours(name: str, tmp_path: Path) 
 
 
 def _scored_copy(pixels: np.ndarray, mpp: float, path: Path) -> SlideResult:
-    import tifffile
-
-    metadata = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
-    tifffile.imwrite(path, pixels, ome=True, photometric="rgb", tile=(256, 256), compression="zlib", metadata=metadata)
-    with open_slide(path) as slide:
+    with open_slide(write_rgb_ome_tiff(pixels, mpp, path)) as slide:
         return analyse(slide, load_settings("ki67", ["tiling.workers=1"]))
 
 
