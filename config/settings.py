@@ -330,11 +330,11 @@ class QcSettings(_Frozen):
     blur_floor: float = Field(0.02, ge=0, description="a region whose sharpness is under this is blurred (any slide)")
     blur_block_um: float = Field(48.0, gt=0, description="side of the blocks whose sharpness is judged")
     overexposed_fraction: float = Field(
-        0.25,
+        0.5,
         gt=0,
         le=1,
-        description="a block (blur_block_um) with at least this share of pixels clipped at white is over-exposed, "
-        "unless the slide's glass is clipped too",
+        description="a block (blur_block_um) with at least this share of pixels within 3 µm of one clipped at white "
+        "is over-exposed, unless the slide's glass is clipped too",
     )
     min_usable_fraction: float = Field(
         0.5, ge=0, le=1, description="QC_FAILED (result not valid) when less of the tissue than this is usable"
