@@ -336,6 +336,15 @@ class QcSettings(_Frozen):
         description="a block (blur_block_um) with at least this share of pixels within 3 µm of one clipped at white "
         "is over-exposed, unless the slide's glass is clipped too",
     )
+    bubble_residual_od: float = Field(
+        0.12,
+        ge=0,
+        description="a pixel (at half the analysis resolution) whose colour-deconvolution residual is over this OD "
+        "is grey, as a bubble's rim; areas grey pixels enclose are bubbles; 0 turns the check off",
+    )
+    bubble_min_area_um2: float = Field(
+        5000.0, ge=0, description="a bubble encloses at least this area (smaller grey rings are ignored)"
+    )
     min_usable_fraction: float = Field(
         0.5, ge=0, le=1, description="QC_FAILED (result not valid) when less of the tissue than this is usable"
     )

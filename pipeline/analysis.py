@@ -50,9 +50,13 @@ from pipeline.qc import (
     QcMap,
     artefacts_from_rgb,
     blur_mask,
+    bubble_mask,
     counterstain_check,
     focus_block_px,
     focus_blocks,
+    grey_cell_px,
+    grey_cells,
+    half_resolution,
     overexposed,
 )
 from pipeline.scoring import Alert, AlertCode, CompartmentSummary
@@ -294,9 +298,23 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
         "cells": cells,
         "pixel_keys": keys,
         "pixel_counts": counts,
-        "blocks": focus_blocks(pixels[core_sl], focus_block_px(s.qc, mpp)) if s.qc.enabled else np.zeros((2, 0, 0)),
+        **_qc_measures(ctx, pixels[core_sl]),
         "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }
+
+
+def _qc_measures(ctx: _TileContext, core: np.ndarray) -> dict[str, np.ndarray]:
+    """A tile core's quality-control measures: its :func:`pipeline.qc.focus_blocks` and, with the
+    bubble check on, its :func:`pipeline.qc.grey_cells`."""
+    s = ctx.settings.qc
+    if not s.enabled:
+        return {"blocks": np.zeros((2, 0, 0)), "grey": np.zeros((0, 0), bool)}
+    small = half_resolution(core)
+    grey = np.zeros((0, 0), bool)
+    if s.bubble_residual_od > 0:
+        cell = grey_cell_px(ctx.tissue_mpp, ctx.mpp)
+        grey = grey_cells(small, cell, ctx.stains, ctx.background, s.bubble_residual_od)
+    return {"blocks": focus_blocks(small, focus_block_px(s, ctx.mpp)), "grey": grey}
 
 
 def warm_up() -> int:
@@ -512,10 +530,14 @@ def analyse(
     pixel_keys = np.concatenate([np.zeros(0, np.int64), *(o["pixel_keys"] for o in outputs)])
     pixel_counts = np.concatenate([np.zeros(0, np.int64), *(o["pixel_counts"] for o in outputs)])
     if qc_map is not None:
-        # Out-of-focus and over-exposed regions: known only now, from the tiles' blocks; their cells
+        # Bubbles, out-of-focus and over-exposed regions: known only now, from the tiles; their cells
         # and pixels leave the scores.
         measures = [o["blocks"] for o in outputs]
         for kind, found in (
+            (
+                Artefact.BUBBLE,
+                bubble_mask(units_done, [o["grey"] for o in outputs], mpp, tissue, settings.qc, qc_map.mask),
+            ),
             (Artefact.BLUR, blur_mask(units_done, measures, mpp, tissue, settings.qc)),
             (Artefact.OVEREXPOSED, overexposed(units_done, measures, mpp, tissue, settings.qc, qc_map.white_clipped)),
         ):

@@ -70,7 +70,7 @@ import numpy as np
 from scipy import ndimage
 
 from config.settings import QcSettings
-from pipeline.stains import StainMatrix, stain_planes
+from pipeline.stains import Background, StainMatrix, per_channel, residual_od, stain_planes
 from pipeline.tissue import TissueMask
 
 
@@ -84,6 +84,7 @@ class Artefact(IntEnum):
     SATURATED = 4
     EDGE = 5
     OVEREXPOSED = 6
+    BUBBLE = 7
 
     @property
     def label(self) -> str:
@@ -164,9 +165,16 @@ def focus_block_px(settings: QcSettings, mpp: float) -> int:
     return max(8, round(settings.blur_block_um / mpp))
 
 
-def focus_blocks(pixels: np.ndarray, block_px: int) -> np.ndarray:
+def half_resolution(pixels: np.ndarray) -> np.ndarray:
+    """An RGB region at half its resolution (pixel areas averaged), as the checks below read it."""
+    h, w = pixels.shape[:2]
+    return cv2.resize(pixels, (max(1, w // FOCUS_STEP), max(1, h // FOCUS_STEP)), interpolation=cv2.INTER_AREA)
+
+
+def focus_blocks(small: np.ndarray, block_px: int) -> np.ndarray:
     """Per ``block_px`` square of an RGB region (rows × columns, partial blocks at the edges
-    included), two measures at half the analysis resolution, as ``(2, rows, columns)``:
+    included; ``small`` is the region at half the analysis resolution, :func:`half_resolution`),
+    two measures, as ``(2, rows, columns)``:
 
     0. Sharpness: the mean squared Laplacian of the green channel (where both stains absorb) over
        its variance — a defocus of 2 µm and more is plain at half resolution, at a quarter of the
@@ -179,8 +187,6 @@ def focus_blocks(pixels: np.ndarray, block_px: int) -> np.ndarray:
        themselves covered a quarter of only 41 % of the generator's over-exposed tissue blocks,
        their surroundings cover 85 % or more of 99 % of them.
     """
-    h, w = pixels.shape[:2]
-    small = cv2.resize(pixels, (max(1, w // FOCUS_STEP), max(1, h // FOCUS_STEP)), interpolation=cv2.INTER_AREA)
     green = small[..., 1].astype(np.float32)
     laplacian = cv2.Laplacian(green, cv2.CV_32F, ksize=1)
     block = max(1, block_px // FOCUS_STEP)
@@ -205,6 +211,72 @@ CLIPPED = 254
 #: counts towards a block's clipped share.
 CLIPPED_REACH_PX = 3
 _CLIPPED_REACH = np.ones((2 * CLIPPED_REACH_PX + 1, 2 * CLIPPED_REACH_PX + 1), np.uint8)
+
+
+def grey_cells(small: np.ndarray, cell_px: int, stains: StainMatrix, background: Background, od: float) -> np.ndarray:
+    """Per ``cell_px`` square of ``small`` (a region at half the analysis resolution; partial cells
+    at the edges included): whether any pixel in it is grey — its deconvolution residual
+    (:func:`pipeline.stains.residual_od`) over ``od`` and its colour, against the glass, of
+    saturation at most :data:`GREY_SATURATION`. A bubble's rim refracts the light away in every
+    colour alike; the stains, each and mixed, leave no residual; marker ink and the purple of an
+    H&E stain leave some, but are far from grey."""
+    h, w = small.shape[:2]
+    out = np.zeros((-(-h // cell_px), -(-w // cell_px)), bool)
+    ys, xs = np.nonzero(residual_od(small, stains, background) > od)
+    if ys.size:
+        balanced = small[ys, xs].astype(np.float32) / np.asarray(per_channel(background), np.float32)
+        brightest = np.maximum(balanced.max(axis=1), 1e-3)
+        grey = 1.0 - balanced.min(axis=1) / brightest <= GREY_SATURATION
+        out[ys[grey] // cell_px, xs[grey] // cell_px] = True
+    return out
+
+
+#: A grey pixel's colour (white-balanced) has at most this saturation, (max − min) / max: a bubble's
+#: rim over the generator's tissue 0.1–0.45; teal marker ink on CMU-1 0.5, H&E's purple 0.9.
+GREY_SATURATION = 0.5
+
+
+def bubble_mask(
+    regions: Sequence[tuple[int, int, int, int]],
+    grey: Sequence[np.ndarray],
+    mpp: float,
+    tissue: TissueMask,
+    settings: QcSettings,
+    flagged: np.ndarray | None = None,
+) -> np.ndarray:
+    """Air bubbles on the tissue grid, rim and inside, from the :func:`grey_cells` of each analysed
+    region (:func:`grey_cell_px`: a cell about a tissue-grid pixel): every area the grey cells
+    enclose (8-connected) of at least ``qc.bubble_min_area_um2``, and larger than the grey around
+    it, is a bubble, rim included. The generator's rims stay unbroken on this grid, so no gap is
+    bridged: specks of grey dirt rarely enclose anything. What an earlier check ``flagged`` (the
+    edge of a marker stroke can be greyish) is not counted as inside."""
+    rim = np.zeros(tissue.mask.shape, bool)
+    if not settings.enabled or settings.bubble_residual_od <= 0:
+        return rim
+    cell = 2 * grey_cell_px(tissue.mpp, mpp)
+    paste_blocks(
+        rim, regions, grey, np.concatenate([np.zeros(0, bool), *(g.ravel() for g in grey)]), cell, mpp, tissue.mpp
+    )
+    if not rim.any():
+        return rim
+    filled = ndimage.binary_fill_holes(rim)
+    inside = filled & ~rim
+    if flagged is not None:
+        inside &= ~flagged
+    n, pieces = cv2.connectedComponents(filled.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    inside_px = np.bincount(pieces[inside], minlength=n)
+    # A bubble's rim is a thin line around it: more inside than rim (a net of grey specks
+    # encloses little).
+    keep = (inside_px * tissue.mpp**2 >= settings.bubble_min_area_um2) & (
+        inside_px >= np.bincount(pieces[rim], minlength=n)
+    )
+    keep[0] = False
+    return keep[pieces] & tissue.mask
+
+
+def grey_cell_px(tissue_mpp: float, mpp: float) -> int:
+    """Side of a :func:`grey_cells` cell at half the analysis resolution: about a tissue-grid pixel."""
+    return max(1, round(tissue_mpp / (FOCUS_STEP * mpp)))
 
 
 def blurred(values: list[float] | np.ndarray, settings: QcSettings) -> np.ndarray:
@@ -268,6 +340,29 @@ def block_mask(
         return found
     block = focus_block_px(settings, mpp)
     scale = mpp / tissue.mpp
+    paste_blocks(found, regions, blocks, flags, block, mpp, tissue.mpp)
+    found &= tissue.mask
+    _, pieces, stats, _ = cv2.connectedComponentsWithStats(found.astype(np.uint8), connectivity=4)
+    big = stats[:, cv2.CC_STAT_AREA] >= 3 * (block * scale) ** 2
+    big[0] = False
+    return big[pieces]
+
+
+def paste_blocks(
+    out: np.ndarray,
+    regions: Sequence[tuple[int, int, int, int]],
+    blocks: Sequence[np.ndarray],
+    flags: np.ndarray,
+    block: int,
+    mpp: float,
+    grid_mpp: float,
+) -> None:
+    """Set ``out`` (a grid of ``grid_mpp``) True under the flagged blocks: ``flags`` holds every
+    region's ``blocks`` in turn, raveled; blocks are ``block`` pixels square at ``mpp`` from the
+    region's (x, y, width, height) corner."""
+    if not flags.any():
+        return
+    scale = mpp / grid_mpp
     start = 0
     for (x, y, w, h), v in zip(regions, blocks, strict=True):
         bad = flags[start : start + v.size].reshape(v.shape)
@@ -275,12 +370,7 @@ def block_mask(
         for r, c in zip(*np.nonzero(bad), strict=True):
             y0, x0 = y + r * block, x + c * block
             y1, x1 = min(y + h, y0 + block), min(x + w, x0 + block)
-            found[int(y0 * scale) : int(np.ceil(y1 * scale)), int(x0 * scale) : int(np.ceil(x1 * scale))] = True
-    found &= tissue.mask
-    _, pieces, stats, _ = cv2.connectedComponentsWithStats(found.astype(np.uint8), connectivity=4)
-    big = stats[:, cv2.CC_STAT_AREA] >= 3 * (block * scale) ** 2
-    big[0] = False
-    return big[pieces]
+            out[int(y0 * scale) : int(np.ceil(y1 * scale)), int(x0 * scale) : int(np.ceil(x1 * scale))] = True
 
 
 def counterstain_check(nuclear_hematoxylin_od: float | None, settings: QcSettings) -> tuple[bool, str] | None:

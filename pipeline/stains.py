@@ -51,7 +51,7 @@ class StainMatrix:
 Background = float | tuple[float, float, float]
 
 
-def _per_channel(background: Background) -> tuple[float, float, float]:
+def per_channel(background: Background) -> tuple[float, float, float]:
     if isinstance(background, (int, float)):
         return (float(background),) * 3
     r, g, b = background
@@ -71,7 +71,7 @@ def rgb_to_od(rgb: np.ndarray, background: Background = 255.0) -> np.ndarray:
     (≥ 0; zero intensity clipped to 1). ``background`` is the white level I0,
     one value or one per channel."""
     flat = np.ascontiguousarray(rgb, dtype=np.uint8).reshape(-1, 1, 3)
-    return cv2.LUT(flat, _od_lut(_per_channel(background))).reshape(rgb.shape)
+    return cv2.LUT(flat, _od_lut(per_channel(background))).reshape(rgb.shape)
 
 
 def deconvolve(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> np.ndarray:
@@ -81,6 +81,14 @@ def deconvolve(rgb: np.ndarray, stains: StainMatrix, background: Background = 25
     return cv2.transform(od, np.ascontiguousarray(inverse.T)).reshape(rgb.shape)
 
 
+def residual_od(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> np.ndarray:
+    """The residual (third) plane of :func:`deconvolve` alone, float32 ``(h, w)``: OD that no mix of
+    the two stains explains — grey, for one, which darkens all three channels alike."""
+    inverse = np.linalg.inv(stains.matrix()).astype(np.float32)
+    od = rgb_to_od(rgb, background).reshape(-1, 1, 3)
+    return cv2.transform(od, np.ascontiguousarray(inverse[:, 2:].T)).reshape(rgb.shape[:2])
+
+
 def stain_planes(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> tuple[np.ndarray, np.ndarray]:
     """Haematoxylin and DAB optical density of ``(h, w, 3)`` RGB as two contiguous
     float32 images (what the cell detector reads; the residual is not computed).
@@ -88,7 +96,7 @@ def stain_planes(rgb: np.ndarray, stains: StainMatrix, background: Background = 
     Same as :func:`deconvolve`, in one pass: each stain's OD is a sum of one
     lookup per channel (:func:`pipeline.kernels.two_stain_od`).
     """
-    tables = _stain_tables(stains, _per_channel(background))
+    tables = _stain_tables(stains, per_channel(background))
     return kernels.two_stain_od(np.ascontiguousarray(rgb, dtype=np.uint8), tables)
 
 
