@@ -195,6 +195,8 @@ def generate(
         Image.fromarray(model.truth_bubble().astype(np.uint8) * 255).save(truth_dir / "bubble.png")
     if spec.overexposed:
         Image.fromarray(model.truth_overexposed().astype(np.uint8) * 255).save(truth_dir / "overexposed.png")
+    if spec.debris:
+        Image.fromarray(model.truth_debris().astype(np.uint8) * 255).save(truth_dir / "debris.png")
     truth = {
         "spec": spec.model_dump(),
         "truth_step_px": model.truth_step_px,

@@ -295,6 +295,24 @@ class QcSettings(_Frozen):
     fold_od: float = Field(
         0.5, gt=0, description="tissue with haematoxylin and DAB OD both above this at 8 µm/px is a fold"
     )
+    fold_floor_ratio: float = Field(
+        0.0,
+        ge=0,
+        description="opt-in (0 = off): a block (fold_block_um) whose haematoxylin floor is at least this many times "
+        "that of the slide's blocks as crowded with nuclei, and fold_floor_excess_od above it, is a fold (tissue "
+        "lying twice); 1.6 finds the generator's pale folds, but dense lymphoid infiltrates, curled edges and H&E's "
+        "eosin trip it too",
+    )
+    fold_min_floor_od: float = Field(
+        0.03,
+        ge=0,
+        description="folds are judged only among blocks whose expected haematoxylin floor is at least this: a "
+        "doubling of next to nothing cannot be told from noise or another chromogen's bleed",
+    )
+    fold_block_um: float = Field(16.0, gt=0, description="side of the blocks whose haematoxylin floor is judged")
+    fold_floor_window_um: float = Field(
+        15.0, gt=0, description="the floor is an opening over this window: it clears nuclei, keeps what lies between"
+    )
     dark_value: float = Field(
         0.08,
         ge=0,
@@ -336,11 +354,18 @@ class QcSettings(_Frozen):
         description="a block (blur_block_um) with at least this share of pixels within 3 µm of one clipped at white "
         "is over-exposed, unless the slide's glass is clipped too",
     )
-    bubble_residual_od: float = Field(
+    grey_residual_od: float = Field(
         0.12,
         ge=0,
         description="a pixel (at half the analysis resolution) whose colour-deconvolution residual is over this OD "
-        "is grey, as a bubble's rim; areas grey pixels enclose are bubbles; 0 turns the check off",
+        "in an unsaturated colour is grey, as a bubble's rim or dust; areas grey pixels enclose are bubbles, solid "
+        "grey pieces debris; 0 turns both checks off",
+    )
+    debris_grey_share: float = Field(
+        0.5, gt=0, le=1, description="a tissue-grid pixel at least this share of whose pixels are grey is debris"
+    )
+    debris_min_area_um2: float = Field(
+        400.0, ge=0, description="debris pieces smaller than this are ignored (a dark nucleus or two is not debris)"
     )
     bubble_min_area_um2: float = Field(
         5000.0, ge=0, description="a bubble encloses at least this area (smaller grey rings are ignored)"

@@ -49,7 +49,7 @@ CELL_TABLE_COLUMNS = (
 
 
 #: Quality-control areas in the label image: this offset plus the artefact's value (11 ink, 12 fold,
-#: 13 blur, 14 saturated, 15 edge, 16 overexposed), named "qc_ink" and so on in the legend.
+#: 13 blur, 14 saturated, 15 edge, 16 overexposed, 17 bubble, 18 debris), named "qc_ink" and so on in the legend.
 QC_LABEL_OFFSET = 10
 
 

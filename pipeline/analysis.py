@@ -52,8 +52,11 @@ from pipeline.qc import (
     blur_mask,
     bubble_mask,
     counterstain_check,
+    debris_mask,
+    floor_blocks,
     focus_block_px,
     focus_blocks,
+    fold_floor_mask,
     grey_cell_px,
     grey_cells,
     half_resolution,
@@ -299,21 +302,26 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
         "pixel_keys": keys,
         "pixel_counts": counts,
         **_qc_measures(ctx, pixels[core_sl]),
+        "floor": (
+            floor_blocks(h_od[core_sl], dab_od[core_sl], cx[own], cy[own], cells["nucleus_area_um2"], mpp, s.qc)
+            if s.qc.enabled and s.qc.fold_floor_ratio > 0
+            else np.zeros((2, 0, 0))
+        ),
         "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }
 
 
 def _qc_measures(ctx: _TileContext, core: np.ndarray) -> dict[str, np.ndarray]:
     """A tile core's quality-control measures: its :func:`pipeline.qc.focus_blocks` and, with the
-    bubble check on, its :func:`pipeline.qc.grey_cells`."""
+    grey checks (bubbles, debris) on, its :func:`pipeline.qc.grey_cells`."""
     s = ctx.settings.qc
     if not s.enabled:
-        return {"blocks": np.zeros((2, 0, 0)), "grey": np.zeros((0, 0), bool)}
+        return {"blocks": np.zeros((2, 0, 0)), "grey": np.zeros((0, 0), np.float32)}
     small = half_resolution(core)
-    grey = np.zeros((0, 0), bool)
-    if s.bubble_residual_od > 0:
+    grey = np.zeros((0, 0), np.float32)
+    if s.grey_residual_od > 0:
         cell = grey_cell_px(ctx.tissue_mpp, ctx.mpp)
-        grey = grey_cells(small, cell, ctx.stains, ctx.background, s.bubble_residual_od)
+        grey = grey_cells(small, cell, ctx.stains, ctx.background, s.grey_residual_od)
     return {"blocks": focus_blocks(small, focus_block_px(s, ctx.mpp)), "grey": grey}
 
 
@@ -534,10 +542,12 @@ def analyse(
         # and pixels leave the scores.
         measures = [o["blocks"] for o in outputs]
         for kind, found in (
+            (Artefact.FOLD, fold_floor_mask(units_done, [o["floor"] for o in outputs], mpp, tissue, settings.qc)),
             (
                 Artefact.BUBBLE,
                 bubble_mask(units_done, [o["grey"] for o in outputs], mpp, tissue, settings.qc, qc_map.mask),
             ),
+            (Artefact.DEBRIS, debris_mask(units_done, [o["grey"] for o in outputs], mpp, tissue, settings.qc)),
             (Artefact.BLUR, blur_mask(units_done, measures, mpp, tissue, settings.qc)),
             (Artefact.OVEREXPOSED, overexposed(units_done, measures, mpp, tissue, settings.qc, qc_map.white_clipped)),
         ):
@@ -546,7 +556,8 @@ def analyse(
                 continue
             height, width = found.shape
             qc_map.labels[found] = kind
-            area = float(found.sum()) * (tissue.mpp / 1000.0) ** 2
+            # (folds found on the tiles add to those of the low-resolution read)
+            area = float(found.sum()) * (tissue.mpp / 1000.0) ** 2 + qc.get(kind.label, {}).get("area_mm2", 0.0)
             qc[kind.label] = {"area_mm2": area, "percent_of_tissue": 100.0 * area / before_mm2}
             tissue = dataclasses.replace(tissue, mask=tissue.mask & ~found)
             rows = np.clip((cells["y_um"] / tissue.mpp).astype(np.int64), 0, height - 1)

@@ -94,6 +94,13 @@ class SynthSpec(BaseModel):
     overexposed: int = Field(
         0, ge=0, le=10, description="over-exposed discs: 1.3 times the light, clipped at white (QC artefact)"
     )
+    debris: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="debris (dust, dirt) on the slide: irregular grey particles, 15–50 µm across their radius, "
+        "0.6–0.9 OD in every channel (QC artefact)",
+    )
 
     @field_validator("tumour_classes", "stroma_classes")
     @classmethod
@@ -174,6 +181,7 @@ class SlideModel:
         self.fold = self._folds(np.random.default_rng([spec.seed, 11]))
         self.bubble = self._bubbles(np.random.default_rng([spec.seed, 12]))
         self.overexposure = self._discs(np.random.default_rng([spec.seed, 13]), spec.overexposed, (0.1, 0.18))
+        self.debris = self._debris(np.random.default_rng([spec.seed, 14]))
 
     @property
     def thresholds(self) -> tuple[float, float]:
@@ -348,6 +356,33 @@ class SlideModel:
     def truth_overexposed(self) -> np.ndarray:
         """Over-exposed discs on the truth grid."""
         return self._on_truth_grid(self.overexposed_at)
+
+    def _debris(self, rng: np.random.Generator) -> np.ndarray:
+        """Particles ``(x, y, radius, od, a2, p2, a3, p3)``: centre and mean radius in µm over the
+        slide's inner part, grey OD, and the amplitude (share of the radius) and phase of a second
+        and third angular harmonic of the outline (irregular, never star-shaped)."""
+        rows = []
+        for _ in range(self.spec.debris):
+            x, y = rng.uniform(0.2, 0.8) * self.width_um, rng.uniform(0.2, 0.8) * self.height_um
+            radius, od = rng.uniform(15.0, 50.0), rng.uniform(0.6, 0.9)
+            harmonics = rng.uniform(0, 0.2), rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.1), rng.uniform(0, 2 * np.pi)
+            rows.append((x, y, radius, od, *harmonics))
+        return np.asarray(rows, np.float64).reshape(-1, 8)
+
+    def debris_at(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
+        """Grey optical density of the debris at the points (0 where there is none; edges soft
+        over 1 µm)."""
+        out = np.zeros(np.shape(x_um))
+        for cx, cy, r, od, a2, p2, a3, p3 in self.debris:
+            dx, dy = x_um - cx, y_um - cy
+            theta = np.arctan2(dy, dx)
+            radius = r * (1.0 + a2 * np.cos(2 * theta + p2) + a3 * np.cos(3 * theta + p3))
+            out = np.maximum(out, od * np.clip(radius - np.hypot(dx, dy) + 0.5, 0.0, 1.0))
+        return out
+
+    def truth_debris(self) -> np.ndarray:
+        """Debris (half its density and more) on the truth grid."""
+        return self._on_truth_grid(lambda xx, yy: self.debris_at(xx, yy) >= 0.3)
 
     def truth_fold(self) -> np.ndarray:
         """Where the section lies twice (fold ≥ 0.5) on the truth grid; tissue or not."""

@@ -101,6 +101,9 @@ def render_tile(model: SlideModel, x: int, y: int, width: int, height: int) -> R
     od = conc @ model.stain_matrix
     if rim is not None and rim.any():
         od = od + rim[core][..., None] * BUBBLE_RIM_OD  # the rim absorbs all colours alike
+    if spec.debris:
+        grey = model.debris_at(xx[core], yy[core])
+        od = od + grey[..., None]  # dust and dirt absorb every colour alike
     if spec.pen_strokes:
         ink = model.ink_at(xx[core], yy[core])
         od = od + ink[..., None] * INK_OD  # marker ink over the tissue, by Beer–Lambert like the stains

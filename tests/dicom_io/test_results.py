@@ -192,6 +192,7 @@ def test_ome_outputs_round_trip(ome_results: tuple[SlideResult, WrittenResults])
         "15": "qc_edge",
         "16": "qc_overexposed",
         "17": "qc_bubble",
+        "18": "qc_debris",
     }
     with written.ome["cells"].open() as fh:
         rows = list(csv.DictReader(fh))

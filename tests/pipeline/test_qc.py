@@ -166,6 +166,65 @@ def test_clean_real_slides_lose_at_most_two_percent_to_any_check(name: str, tmp_
     assert left_out <= 2.0, result.qc
 
 
+def test_folds_over_pale_tissue_are_found_by_their_doubled_floor(tmp_path: Path) -> None:
+    """Opt-in ``qc.fold_floor_ratio``: the generator's folds (the section lying twice, pale where
+    the tissue is) double the haematoxylin floor between the nuclei; the folded blocks are left out,
+    they match the folds on the tissue, and the Ki-67 index stays within 2 points of the fold-free
+    twin's. Off (the default), the both-stains rule finds none of them."""
+    on = ["tiling.workers=1", "qc.fold_floor_ratio=1.6"]
+    results = {}
+    for name, folds in (("folded", 2), ("flat", 0)):
+        slide = generate(SynthSpec(width=3072, height=3072, seed=71, folds=folds), tmp_path / name, formats=("ome",))
+        assert slide.ome_tiff
+        with open_slide(slide.ome_tiff) as s:
+            results[name] = (slide, analyse(s, load_settings("ki67", on)))
+            if folds:
+                assert "fold" not in analyse(s, load_settings("ki67", ["tiling.workers=1"])).qc
+    (slide, result), (_, flat) = results["folded"], results["flat"]
+    assert "fold" in result.qc and flat.qc == {}
+    q = result.qc_map
+    assert q is not None
+    found, real = q.labels == Artefact.FOLD, _truth_on_qc_grid(slide, "fold", q)
+    tissue = result.tissue.mask | (q.labels != Artefact.NONE)
+    iou = (found & real & tissue).sum() / ((found | real) & tissue).sum()
+    assert iou >= 0.8, iou  # 0.89: 16 µm blocks on the folds' edges
+    assert abs(result.scores["ki67_index_percent"] - flat.scores["ki67_index_percent"]) <= 2.0
+
+
+@pytest.mark.parametrize("name", ["OS-2-vsi.ome.tif", "skimage"])
+def test_real_ihc_has_no_doubled_floor(name: str, tmp_path: Path) -> None:
+    """The fold-floor rule on the real IHC images: nothing called a fold (on scikit-image's, strong
+    membranous DAB would be, without the DAB guard and the minimum floor)."""
+    if name == "skimage":
+        from skimage import data
+
+        path = write_rgb_ome_tiff(data.immunohistochemistry(), 0.5, tmp_path / "ihc.ome.tif")
+    else:
+        path = shared_file(name)
+    with open_slide(path) as s:
+        result = analyse(s, load_settings("ki67", ["tiling.workers=1", "qc.fold_floor_ratio=1.6"]))
+    assert "fold" not in result.qc, result.qc
+
+
+def test_debris_is_found_as_solid_grey_and_left_out(tmp_path: Path) -> None:
+    """The generator's debris (grey particles 15–50 µm in radius): the grey pieces are left out as
+    debris (not as folds, though they are dark in both stains), they match the particles on the
+    tissue, and the Ki-67 index stays within 2 points of the debris-free twin's."""
+    twins = _analysed_twins(
+        tmp_path, {n: SynthSpec(width=3072, height=3072, seed=81, debris=k) for n, k in (("dusty", 12), ("clean", 0))}
+    )
+    slide, result = twins["dusty"]
+    _, clean = twins["clean"]
+    assert set(result.qc) == {"debris"} and clean.qc == {}
+    q = result.qc_map
+    assert q is not None
+    found, real = q.labels == Artefact.DEBRIS, _truth_on_qc_grid(slide, "debris", q)
+    tissue = result.tissue.mask | (q.labels != Artefact.NONE)
+    iou = (found & real & tissue).sum() / ((found | real) & tissue).sum()
+    assert iou >= 0.8, iou  # 0.95
+    assert abs(result.scores["ki67_index_percent"] - clean.scores["ki67_index_percent"]) <= 2.0
+
+
 def test_bubbles_are_found_by_their_grey_rim_and_left_out(tmp_path: Path) -> None:
     """The generator's air bubbles (a grey rim, the tissue inside paler and softened): the areas
     their rims enclose are left out as bubbles (not as out of focus), they match the bubbles on

@@ -206,3 +206,30 @@ def test_a_bubble_has_a_grey_rim_and_paler_tissue_inside() -> None:
     truth = bubbled.truth_bubble()
     s = bubbled.truth_step_px
     assert truth[int(cy / spec.mpp / s), int(cx / spec.mpp / s)] and truth.mean() < 0.2
+
+
+def test_debris_is_grey_and_leaves_the_rest_untouched() -> None:
+    """Debris (dust, dirt): inside a particle every channel gains the particle's optical density
+    (grey, 0.6–0.9); away from it the pixels are the debris-free twin's; the truth marks it."""
+    spec = SynthSpec(width=2048, height=2048, seed=82, noise_sigma=0, debris=3)
+    dusty, flat = SlideModel(spec), SlideModel(spec.model_copy(update={"debris": 0}))
+    assert len(dusty.debris) == 3
+    truth, s = dusty.truth_debris(), dusty.truth_step_px
+    for cx, cy, r, od, *_ in dusty.debris:
+        assert 15.0 <= r <= 50.0 and 0.6 <= od <= 0.9
+        half = int((1.4 * r + 10) / spec.mpp)
+        x0, y0 = int(cx / spec.mpp) - half, int(cy / spec.mpp) - half
+        a = render_tile(dusty, x0, y0, 2 * half, 2 * half).pixels.astype(float)
+        b = render_tile(flat, x0, y0, 2 * half, 2 * half).pixels.astype(float)
+        xx, yy = np.meshgrid(*((o + np.arange(2 * half) + 0.5) * spec.mpp for o in (x0, y0)))
+        grey = dusty.debris_at(xx, yy)
+        od_a, od_b = (-np.log10(np.maximum(p, 1) / spec.background) for p in (a, b))
+        inside = (grey >= od - 1e-6) & (a.min(-1) > 4)  # (not clipped at black)
+        extra = od_a[inside] - od_b[inside]
+        assert np.median(extra) == pytest.approx(od, abs=0.05)
+        assert np.median(extra.max(-1) - extra.min(-1)) < 0.05  # grey
+        d = np.hypot(xx - cx, yy - cy)
+        away = (d > 1.35 * r + 2) & (dusty.debris_at(xx, yy) == 0)
+        assert np.abs(a[away] - b[away]).max() <= 1
+        assert truth[int(cy / spec.mpp / s), int(cx / spec.mpp / s)]
+    assert truth.mean() < 0.05
