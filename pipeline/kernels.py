@@ -611,3 +611,52 @@ def class_counts_on_grid(
                     cls += 1
             hist[(row * cols + col) * classes + cls] += 1
     return hist, row0, col0, cols
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def focus_sums(
+    green: np.ndarray, laplacian: np.ndarray, near_clipped: np.ndarray, block: int, glass: float
+) -> np.ndarray:
+    """Per ``block``-square block (partial blocks at the edges included), in one pass: the number
+    of pixels and the sums of ``green``, its square, ``laplacian`` squared, the pixels brighter than
+    ``glass`` and the ``near_clipped`` ones — ``(6, rows, columns)`` float64."""
+    h, w = green.shape
+    rows, cols = (h + block - 1) // block, (w + block - 1) // block
+    out = np.zeros((6, rows, cols))
+    for y in range(h):
+        r = y // block
+        for x in range(w):
+            c = x // block
+            g = np.float64(green[y, x])
+            lap = np.float64(laplacian[y, x])
+            out[0, r, c] += 1.0
+            out[1, r, c] += g
+            out[2, r, c] += g * g
+            out[3, r, c] += lap * lap
+            if g > glass:
+                out[4, r, c] += 1.0
+            if near_clipped[y, x]:
+                out[5, r, c] += 1.0
+    return out
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def grey_counts(
+    rgb: np.ndarray, residual: np.ndarray, od: float, white: np.ndarray, saturation: float, cell: int
+) -> np.ndarray:
+    """Per ``cell``-square cell of ``(h, w, 3)`` uint8 RGB (partial cells included): the number of
+    grey pixels — deconvolution residual (``residual[c, v]``: channel ``c`` value ``v``'s share of
+    it) over ``od`` and colour, divided by ``white`` per channel, of saturation (max − min) / max
+    at most ``saturation``."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    out = np.zeros(((h + cell - 1) // cell, (w + cell - 1) // cell))
+    for y in range(h):
+        for x in range(w):
+            r, g, b = rgb[y, x, 0], rgb[y, x, 1], rgb[y, x, 2]
+            if residual[0, r] + residual[1, g] + residual[2, b] <= od:
+                continue
+            br, bg, bb = r / white[0], g / white[1], b / white[2]
+            hi = max(br, bg, bb, 1e-3)
+            if 1.0 - min(br, bg, bb) / hi <= saturation:
+                out[y // cell, x // cell] += 1.0
+    return out

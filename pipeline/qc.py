@@ -89,7 +89,8 @@ import numpy as np
 from scipy import ndimage
 
 from config.settings import QcSettings
-from pipeline.stains import Background, StainMatrix, per_channel, residual_od, stain_planes
+from pipeline import kernels
+from pipeline.stains import Background, StainMatrix, per_channel, residual_od, residual_tables, stain_planes
 from pipeline.tissue import TissueMask
 
 
@@ -210,17 +211,18 @@ def focus_blocks(small: np.ndarray, block_px: int) -> np.ndarray:
        themselves covered a quarter of only 41 % of the generator's over-exposed tissue blocks,
        their surroundings cover 85 % or more of 99 % of them.
     """
-    green = small[..., 1].astype(np.float32)
+    green = np.ascontiguousarray(small[..., 1])
     laplacian = cv2.Laplacian(green, cv2.CV_32F, ksize=1)
     block = max(1, block_px // FOCUS_STEP)
-    n = _block_sums(np.ones(green.shape, np.float32), block)
-    m = _block_sums(green, block) / n
-    variance = _block_sums(green * green, block) / n - m * m
-    energy = _block_sums(laplacian * laplacian, block) / n
-    glass = _block_sums((green > GLASS_GREY).astype(np.float32), block) / n
     darkest = cv2.min(cv2.min(small[..., 0], small[..., 1]), small[..., 2])  # numpy's min(axis=-1): 20× slower
     near_clipped = cv2.dilate((darkest >= CLIPPED).view(np.uint8), _CLIPPED_REACH)
-    clipped = _block_sums(near_clipped.astype(np.float32), block) / n
+    sums = kernels.focus_sums(green, laplacian, near_clipped, block, GLASS_GREY)
+    n = sums[0]
+    m = sums[1] / n
+    variance = sums[2] / n - m * m
+    energy = sums[3] / n
+    glass = sums[4] / n
+    clipped = sums[5] / n
     with np.errstate(invalid="ignore", divide="ignore"):
         sharpness = energy / variance
     sharpness[(variance <= 4.0) | (glass > 0.5)] = np.nan
@@ -256,10 +258,10 @@ def grey_cells(small: np.ndarray, cell_px: int, stains: StainMatrix, background:
     colour alike, and dust absorbs it so; the stains, each and mixed, leave no residual; marker
     ink and the purple of an H&E stain leave some, but are far from grey."""
     h, w = small.shape[:2]
-    rows, cols = -(-h // cell_px), -(-w // cell_px)
-    ys, xs = grey_pixels(small, stains, background, od)
-    counts = np.bincount((ys // cell_px) * cols + xs // cell_px, minlength=rows * cols)
-    return (counts.reshape(rows, cols) / _block_sums(np.ones((h, w), np.float32), cell_px)).astype(np.float32)
+    white = per_channel(background)
+    tables = residual_tables(stains, white)
+    counts = kernels.grey_counts(np.ascontiguousarray(small), tables, od, np.asarray(white), GREY_SATURATION, cell_px)
+    return (counts / _block_sums(np.ones((h, w), np.float32), cell_px)).astype(np.float32)
 
 
 #: A grey pixel's colour (white-balanced) has at most this saturation, (max − min) / max: a bubble's
