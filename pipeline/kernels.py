@@ -660,3 +660,15 @@ def grey_counts(
             if 1.0 - min(br, bg, bb) / hi <= saturation:
                 out[y // cell, x // cell] += 1.0
     return out
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def lookup_sum(rgb: np.ndarray, tables: np.ndarray) -> np.ndarray:
+    """``tables[0, r] + tables[1, g] + tables[2, b]`` at every pixel of ``(h, w, 3)`` uint8 RGB, as
+    float32: any quantity linear in the channels' optical density (their sum, a stain's share)."""
+    h, w = rgb.shape[0], rgb.shape[1]
+    out = np.empty((h, w), np.float32)
+    for y in range(h):
+        for x in range(w):
+            out[y, x] = tables[0, rgb[y, x, 0]] + tables[1, rgb[y, x, 1]] + tables[2, rgb[y, x, 2]]
+    return out

@@ -163,8 +163,9 @@ def artefacts_from_rgb(rgb: np.ndarray, tissue: TissueMask, settings: QcSettings
         keep = stats[:, cv2.CC_STAT_AREA] >= min_px
         keep[0] = False
         labels[keep[pieces]] = kind
-    glass = ~tissue.mask[: rgb.shape[0], : rgb.shape[1]] & (rgb.min(axis=-1) >= 150)
-    white_clipped = bool(glass.sum() >= 100 and (rgb[glass].min(axis=-1) >= CLIPPED).mean() >= 0.9)
+    darkest = cv2.min(cv2.min(rgb[..., 0], rgb[..., 1]), rgb[..., 2])  # numpy's min(axis=-1): 20× slower
+    bright_glass = ~tissue.mask[: rgb.shape[0], : rgb.shape[1]] & (darkest >= 150)
+    white_clipped = bool(bright_glass.sum() >= 100 and (darkest[bright_glass] >= CLIPPED).mean() >= 0.9)
     return QcMap(labels=labels, mpp=tissue.mpp, white_clipped=white_clipped)
 
 

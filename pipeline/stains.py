@@ -93,9 +93,14 @@ def residual_tables(stains: StainMatrix, background: tuple[float, float, float])
 def residual_od(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> np.ndarray:
     """The residual (third) plane of :func:`deconvolve` alone, float32 ``(h, w)``: OD that no mix of
     the two stains explains — grey, for one, which darkens all three channels alike."""
-    inverse = np.linalg.inv(stains.matrix()).astype(np.float32)
-    od = rgb_to_od(rgb, background).reshape(-1, 1, 3)
-    return cv2.transform(od, np.ascontiguousarray(inverse[:, 2:].T)).reshape(rgb.shape[:2])
+    tables = residual_tables(stains, per_channel(background))
+    return kernels.lookup_sum(np.ascontiguousarray(rgb, dtype=np.uint8), tables)
+
+
+def od_sum(rgb: np.ndarray, background: Background = 255.0) -> np.ndarray:
+    """The sum of :func:`rgb_to_od`'s three channels, float32 ``(h, w)``, in one pass."""
+    tables = np.ascontiguousarray(_od_lut(per_channel(background))[0].T)
+    return kernels.lookup_sum(np.ascontiguousarray(rgb, dtype=np.uint8), tables)
 
 
 def stain_planes(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> tuple[np.ndarray, np.ndarray]:
