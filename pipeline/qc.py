@@ -284,13 +284,7 @@ def bubble_mask(
     it, is a bubble, rim included. The generator's rims stay unbroken on this grid, so no gap is
     bridged: specks of grey dirt rarely enclose anything. What an earlier check ``flagged`` (the
     edge of a marker stroke can be greyish) is not counted as inside."""
-    rim = np.zeros(tissue.mask.shape, bool)
-    if not settings.enabled or settings.grey_residual_od <= 0:
-        return rim
-    cell = 2 * grey_cell_px(tissue.mpp, mpp)
-    flags = np.concatenate([np.zeros(0), *(g.ravel() for g in grey)]) > 0
-    paste_blocks(rim, regions, grey, flags, cell, mpp, tissue.mpp)
-
+    rim = _grey_on_grid(regions, grey, mpp, tissue, settings, 0.0)
     if not rim.any():
         return rim
     filled = ndimage.binary_fill_holes(rim)
@@ -319,12 +313,7 @@ def debris_mask(
     cells at least ``qc.debris_grey_share`` grey, in solid pieces (a thin grey line, such as a
     bubble's rim, has no cell whose eight neighbours are grey too) of at least
     ``qc.debris_min_area_um2``."""
-    found = np.zeros(tissue.mask.shape, bool)
-    if not settings.enabled or settings.grey_residual_od <= 0:
-        return found
-    cell = 2 * grey_cell_px(tissue.mpp, mpp)
-    flags = np.concatenate([np.zeros(0), *(g.ravel() for g in grey)]) >= settings.debris_grey_share
-    paste_blocks(found, regions, grey, flags, cell, mpp, tissue.mpp)
+    found = _grey_on_grid(regions, grey, mpp, tissue, settings, settings.debris_grey_share)
     if not found.any():
         return found
     n, pieces, stats, _ = cv2.connectedComponentsWithStats(found.view(np.uint8), connectivity=8)
@@ -333,6 +322,25 @@ def debris_mask(
     keep = solid & (stats[:, cv2.CC_STAT_AREA] * tissue.mpp**2 >= settings.debris_min_area_um2)
     keep[0] = False
     return keep[pieces] & tissue.mask
+
+
+def _grey_on_grid(
+    regions: Sequence[tuple[int, int, int, int]],
+    grey: Sequence[np.ndarray],
+    mpp: float,
+    tissue: TissueMask,
+    settings: QcSettings,
+    least: float,
+) -> np.ndarray:
+    """The tissue grid under the :func:`grey_cells` more than ``least`` grey (``least`` > 0: at
+    least that share), tissue or not; nothing when the grey checks are off."""
+    found = np.zeros(tissue.mask.shape, bool)
+    if not settings.enabled or settings.grey_residual_od <= 0:
+        return found
+    shares = np.concatenate([np.zeros(0), *(g.ravel() for g in grey)])
+    flags = shares >= least if least > 0 else shares > 0
+    paste_blocks(found, regions, grey, flags, 2 * grey_cell_px(tissue.mpp, mpp), mpp, tissue.mpp)
+    return found
 
 
 def grey_cell_px(tissue_mpp: float, mpp: float) -> int:
@@ -464,7 +472,8 @@ def fold_floor_mask(
     ``qc.fold_floor_ratio`` times its class's median, where that median is at least
     ``qc.fold_min_floor_od``, is folded — unless its DAB floor rose further above its class's
     than the haematoxylin one did: then it is stronger staining (some DAB reads as haematoxylin
-    where the slide's DAB differs from the vector), not a second layer. Pieces under ``qc.min_area_um2`` are ignored."""
+    where the slide's DAB differs from the vector), not a second layer. Pieces under
+    ``qc.min_area_um2`` are ignored."""
     found = np.zeros(tissue.mask.shape, bool)
     if not settings.enabled or settings.fold_floor_ratio <= 0 or not measures:
         return found

@@ -69,6 +69,16 @@ def _truth_on_qc_grid(slide: SynthOutput, name: str, qc: QcMap) -> np.ndarray:
     return truth[rows, cols]
 
 
+def _iou_on_tissue(slide: SynthOutput, result: SlideResult, name: str, kind: Artefact) -> float:
+    """IoU of the ``kind`` areas of the result's QC map with the generator's ``truth/<name>.png``,
+    on the tissue as detected (artefacts included)."""
+    q = result.qc_map
+    assert q is not None
+    found, real = q.labels == kind, _truth_on_qc_grid(slide, name, q)
+    tissue = result.tissue.mask | (q.labels != Artefact.NONE)
+    return float((found & real & tissue).sum() / ((found | real) & tissue).sum())
+
+
 def test_marker_ink_is_found_where_the_generator_drew_it(inked: Twins) -> None:
     slide, _ = inked["inked"]
     assert slide.ome_tiff
@@ -182,11 +192,7 @@ def test_folds_over_pale_tissue_are_found_by_their_doubled_floor(tmp_path: Path)
                 assert "fold" not in analyse(s, load_settings("ki67", ["tiling.workers=1"])).qc
     (slide, result), (_, flat) = results["folded"], results["flat"]
     assert "fold" in result.qc and flat.qc == {}
-    q = result.qc_map
-    assert q is not None
-    found, real = q.labels == Artefact.FOLD, _truth_on_qc_grid(slide, "fold", q)
-    tissue = result.tissue.mask | (q.labels != Artefact.NONE)
-    iou = (found & real & tissue).sum() / ((found | real) & tissue).sum()
+    iou = _iou_on_tissue(slide, result, "fold", Artefact.FOLD)
     assert iou >= 0.8, iou  # 0.89: 16 µm blocks on the folds' edges
     assert abs(result.scores["ki67_index_percent"] - flat.scores["ki67_index_percent"]) <= 2.0
 
@@ -216,11 +222,7 @@ def test_debris_is_found_as_solid_grey_and_left_out(tmp_path: Path) -> None:
     slide, result = twins["dusty"]
     _, clean = twins["clean"]
     assert set(result.qc) == {"debris"} and clean.qc == {}
-    q = result.qc_map
-    assert q is not None
-    found, real = q.labels == Artefact.DEBRIS, _truth_on_qc_grid(slide, "debris", q)
-    tissue = result.tissue.mask | (q.labels != Artefact.NONE)
-    iou = (found & real & tissue).sum() / ((found | real) & tissue).sum()
+    iou = _iou_on_tissue(slide, result, "debris", Artefact.DEBRIS)
     assert iou >= 0.8, iou  # 0.95
     assert abs(result.scores["ki67_index_percent"] - clean.scores["ki67_index_percent"]) <= 2.0
 
@@ -235,13 +237,9 @@ def test_bubbles_are_found_by_their_grey_rim_and_left_out(tmp_path: Path) -> Non
     slide, result = twins["bubbles"]
     _, clean = twins["clean"]
     assert "bubble" in result.qc and clean.qc == {}
-    q = result.qc_map
-    assert q is not None
-    found, real = q.labels == Artefact.BUBBLE, _truth_on_qc_grid(slide, "bubble", q)
-    tissue = result.tissue.mask | (q.labels != Artefact.NONE)
-    iou = (found & real & tissue).sum() / ((found | real) & tissue).sum()
+    iou = _iou_on_tissue(slide, result, "bubble", Artefact.BUBBLE)
     assert iou >= 0.8, iou  # 0.96: the tissue grid's 8 µm pixels on the rims
-    assert not (q.labels == Artefact.BLUR).any()  # the softened insides are bubbles, not blur
+    assert result.qc_map is not None and not (result.qc_map.labels == Artefact.BLUR).any()  # insides: bubbles
     assert abs(result.scores["ki67_index_percent"] - clean.scores["ki67_index_percent"]) <= 2.0
 
 
