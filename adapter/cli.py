@@ -257,6 +257,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides.append(f"tiling.workers={args.workers}")
     settings = load_settings(args.profile, overrides)
+    if args.qupath and settings.stain.background == "auto":
+        # QuPath's white level belongs to the image, not to the protocol (config.qupath).
+        print(
+            "ihc-adapter: note: --qupath: the white level is the slide's glass (stain.background auto); "
+            "QuPath's default H-DAB stains use 255 — add --set stain.background=255 for QuPath's numbers",
+            file=sys.stderr,
+        )
     source: Any = args.slide[0] if len(args.slide) == 1 else args.slide
     opener = functools.partial(open_slide, source, args.mpp)
     with opener() as slide:

@@ -215,3 +215,17 @@ def test_qupath_protocol_on_real_ki67_matches_qupath(row: int, tmp_path: Path) -
     cells, positive = int(ref["cells"]), float(ref["positive_percent"])
     assert abs(tissue["cells"] - cells) <= 0.10 * cells, (tissue["cells"], cells)
     assert abs(tissue["positive_percent"] - positive) <= 2.0, (tissue["positive_percent"], positive)
+
+
+def test_cli_names_the_white_level_a_qupath_protocol_leaves_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The white level belongs to the image in QuPath, not to the protocol: run without it, the
+    CLI says the slide's glass stands in and how to get QuPath's 255; given, it says nothing."""
+    protocol = '{"threshold": 0.2, "sigmaMicrons": 2.0}'
+    slide = str(shared_file("OS-2-vsi.ome.tif"))
+    assert main(["score", slide, "--profile", "ki67", "--qupath", protocol, "--workers", "1"]) == 0
+    assert "--set stain.background=255" in capsys.readouterr().err
+    args = ["score", slide, "--profile", "ki67", "--qupath", protocol, "--set", "stain.background=255"]
+    assert main([*args, "--workers", "1"]) == 0
+    assert "stain.background" not in capsys.readouterr().err
