@@ -299,9 +299,9 @@ class QcSettings(_Frozen):
         0.0,
         ge=0,
         description="opt-in (0 = off): a block (fold_block_um) whose haematoxylin floor is at least this many times "
-        "that of the slide's blocks as crowded with nuclei, and fold_floor_excess_od above it, is a fold (tissue "
-        "lying twice); 1.6 finds the generator's pale folds, but dense lymphoid infiltrates, curled edges and H&E's "
-        "eosin trip it too",
+        "that of the slide's blocks as crowded with nuclei (where that is at least fold_min_floor_od) and whose DAB "
+        "floor rose less is a fold (tissue lying twice); 1.6 finds the generator's pale folds, but squamous "
+        "epithelium trips it too",
     )
     fold_min_floor_od: float = Field(
         0.03,

@@ -305,7 +305,7 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
         "floor": (
             floor_blocks(h_od[core_sl], dab_od[core_sl], cx[own], cy[own], cells["nucleus_area_um2"], mpp, s.qc)
             if s.qc.enabled and s.qc.fold_floor_ratio > 0
-            else np.zeros((2, 0, 0))
+            else np.zeros((3, 0, 0))
         ),
         "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }
@@ -538,8 +538,8 @@ def analyse(
     pixel_keys = np.concatenate([np.zeros(0, np.int64), *(o["pixel_keys"] for o in outputs)])
     pixel_counts = np.concatenate([np.zeros(0, np.int64), *(o["pixel_counts"] for o in outputs)])
     if qc_map is not None:
-        # Bubbles, out-of-focus and over-exposed regions: known only now, from the tiles; their cells
-        # and pixels leave the scores.
+        # Folds over pale tissue (opt-in), bubbles, debris, out-of-focus and over-exposed regions:
+        # known only now, from the tiles; their cells and pixels leave the scores.
         measures = [o["blocks"] for o in outputs]
         for kind, found in (
             (Artefact.FOLD, fold_floor_mask(units_done, [o["floor"] for o in outputs], mpp, tissue, settings.qc)),

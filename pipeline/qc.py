@@ -49,7 +49,7 @@ the real Ki-67 crop OS-2 (level 0.32) with its haematoxylin cut in the image: at
 * **Air bubbles** (:func:`bubble_mask`): a bubble's rim refracts the light away in every colour
   alike, a thin grey line no mix of the two stains makes. At half the analysis resolution a pixel
   is grey when its colour-deconvolution residual exceeds ``qc.grey_residual_od`` (0.12) and its
-  colour is unsaturated (at most 0.5) (:func:`grey_cells`); each area the grey encloses on the tissue grid, of at
+  colour's saturation is at most 0.5 (:func:`grey_cells`); each area the grey encloses on the tissue grid, of at
   least ``qc.bubble_min_area_um2`` and larger than its rim, is left out, rim and inside. On four
   generator slides with three bubbles each (3072², seeds 75, 78–80, one with a paler
   counterstain, one with stain vectors turned by 6°) IoU 0.96 each; the Ki-67 index within 0.3 points
@@ -65,10 +65,10 @@ the real Ki-67 crop OS-2 (level 0.32) with its haematoxylin cut in the image: at
   fold). On the generator's folds (3072², seeds 71 and 72) IoU 0.89 each; on the real IHC images
   (OS-2, scikit-image's) and the H&E OS-1 nothing, on the TCGA frozen section 0.4 %, on CMU-1
   10.7 % — its epidermis, whose cytoplasm takes haematoxylin. Off by default: tissue whose
-  cytoplasm or stroma takes the counterstain more than its neighbours' (squamous epithelium,
-  dense inflammation) reads as folded, and the real slides here hold no fold to choose the ratio
-  on. Left in, the generator's two folds (seed 71) move the Ki-67 index by 0.02 points and the
-  tumour H-score by +4.6.
+  cytoplasm or stroma takes the counterstain more than its neighbours' (squamous epithelium)
+  reads as folded, and the real slides here hold no fold to choose the ratio on. Left in, the
+  generator's two folds (seed 71) move the Ki-67 index by 0.02 points and the tumour H-score by
+  +4.6; left out, by −0.5 and −0.6.
 
 * **Debris** (:func:`debris_mask`): dust and dirt absorb every colour alike too. Tissue-grid
   pixels at least half of whose pixels are grey (as above), in solid pieces (a bubble's thin rim
@@ -451,7 +451,7 @@ def floor_blocks(
     return np.stack([*floors, covered.reshape(rows, cols) / (side * mpp) ** 2])
 
 
-#: Haematoxylin OD above which a pixel is tissue when judging its floor.
+#: Haematoxylin plus DAB OD above which a pixel is tissue when judging the floors.
 GLASS_H_OD = 0.02
 
 #: Crowding classes the haematoxylin floor is compared within (quantiles of the nuclear share).

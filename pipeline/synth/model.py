@@ -98,8 +98,8 @@ class SynthSpec(BaseModel):
         0,
         ge=0,
         le=50,
-        description="debris (dust, dirt) on the slide: irregular grey particles, 15–50 µm across their radius, "
-        "0.6–0.9 OD in every channel (QC artefact)",
+        description="debris (dust, dirt) on the slide: irregular grey particles of radius 15–50 µm, 0.6–0.9 OD "
+        "in every channel (QC artefact)",
     )
 
     @field_validator("tumour_classes", "stroma_classes")
@@ -381,7 +381,7 @@ class SlideModel:
         return out
 
     def truth_debris(self) -> np.ndarray:
-        """Debris (half its density and more) on the truth grid."""
+        """Debris (grey OD 0.3 and more: the particles' outlines) on the truth grid."""
         return self._on_truth_grid(lambda xx, yy: self.debris_at(xx, yy) >= 0.3)
 
     def truth_fold(self) -> np.ndarray:
