@@ -193,14 +193,15 @@ def test_folds_over_pale_tissue_are_found_by_their_doubled_floor(tmp_path: Path)
     (slide, result), (_, flat) = results["folded"], results["flat"]
     assert "fold" in result.qc and flat.qc == {}
     iou = _iou_on_tissue(slide, result, "fold", Artefact.FOLD)
-    assert iou >= 0.8, iou  # 0.89: 16 µm blocks on the folds' edges
+    assert iou >= 0.8, iou  # 0.92: 16 µm blocks on the folds' edges
     assert abs(result.scores["ki67_index_percent"] - flat.scores["ki67_index_percent"]) <= 2.0
 
 
-@pytest.mark.parametrize("name", ["OS-2-vsi.ome.tif", "skimage"])
-def test_real_ihc_has_no_doubled_floor(name: str, tmp_path: Path) -> None:
-    """The fold-floor rule on the real IHC images: nothing called a fold (on scikit-image's, strong
-    membranous DAB would be, without the DAB guard and the minimum floor)."""
+@pytest.mark.parametrize("name", ["OS-2-vsi.ome.tif", "skimage", "cmu_small_region.svs"])
+def test_real_slides_have_no_doubled_floor(name: str, tmp_path: Path) -> None:
+    """The fold-floor rule on the real IHC images and CMU-1's H&E: nothing called a fold (on
+    scikit-image's, strong membranous DAB would be, without the DAB guard and the minimum floor;
+    CMU-1's epidermis, 10.7 %, without the second pass)."""
     if name == "skimage":
         from skimage import data
 
