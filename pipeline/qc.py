@@ -70,8 +70,9 @@ the real Ki-67 crop OS-2 (level 0.32) with its haematoxylin cut in the image: at
   Off by default: it costs about 5 ms per 1024² region (an eighth of the default's time; the
   benchmark slide 36.4 MP/s against 39.0 in the same hour), tissue whose cytoplasm or stroma takes
   the counterstain more than its neighbours' (squamous epithelium) can read as folded, and the
-  real slides here hold no fold to choose the ratio on. Left in, the generator's two folds (seed 71) move the Ki-67 index by 0.02
-  points and the tumour H-score by +4.6; left out, by −0.4 and −0.5.
+  real slides here hold no fold to choose the ratio on. Left in, the generator's two folds (seed
+  71) move the Ki-67 index by 0.02 points and the tumour H-score by +4.6; left out, by −0.4 and
+  −0.5.
 
 * **Debris** (:func:`debris_mask`): dust and dirt absorb every colour alike too. Tissue-grid
   pixels at least half of whose pixels are grey (as above), in solid pieces (a bubble's thin rim

@@ -225,53 +225,79 @@ def fill_holes(labels: np.ndarray) -> np.ndarray:
     # is enclosed, usually a few pixels, and only those are looked at.
     empty = np.pad((labels == 0).view(np.uint8), 1, constant_values=1)
     cv2.floodFill(empty, None, (0, 0), 2, flags=8)
-    enclosed = empty[1:-1, 1:-1] == 1
-    ys, xs = np.nonzero(enclosed)
-    if not ys.size:
+    count = _count_enclosed(empty)  # (a compiled scan: NumPy's nonzero took 1.4 ms a 1088² region)
+    if not count:
         return labels
     out = labels.copy()
-    _fill_enclosed(out, labels, enclosed, ys.astype(np.int64), xs.astype(np.int64))
+    _fill_enclosed(out, labels, empty, count)
     return out
 
 
 @numba.njit(cache=_CACHE, nogil=True)
-def _fill_enclosed(out: np.ndarray, labels: np.ndarray, enclosed: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> None:
-    """Fill in ``out`` each 8-connected piece of ``enclosed`` pixels (at ``ys``, ``xs``; none on the
-    border) whose neighbours hold exactly one label; ``enclosed`` is cleared as pieces are visited."""
+def _count_enclosed(empty: np.ndarray) -> int:
+    """The pixels of the framed ``empty`` map (:func:`fill_holes`) that are still 1: enclosed."""
+    count = 0
+    for y in range(1, empty.shape[0] - 1):
+        for x in range(1, empty.shape[1] - 1):
+            if empty[y, x] == 1:
+                count += 1
+    return count
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _fill_enclosed(out: np.ndarray, labels: np.ndarray, empty: np.ndarray, count: int) -> None:
+    """Fill in ``out`` each 8-connected piece of enclosed pixels (1 in ``empty``, ``labels`` framed
+    by one pixel; ``count`` of them, none on the border) whose neighbours hold exactly one label;
+    ``empty`` is cleared as pieces are visited."""
+    h, w = labels.shape
+    stack = np.empty(count, np.int64)
+    members = np.empty(count, np.int64)
+    for sy in range(h):
+        for sx in range(w):
+            if empty[sy + 1, sx + 1] == 1:
+                _fill_piece(out, labels, empty, sy, sx, stack, members)
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def _fill_piece(
+    out: np.ndarray,
+    labels: np.ndarray,
+    empty: np.ndarray,
+    sy: int,
+    sx: int,
+    stack: np.ndarray,
+    members: np.ndarray,
+) -> None:
+    """Flood the enclosed piece at (``sy``, ``sx``) and fill it if one label surrounds it."""
     w = labels.shape[1]
-    stack = np.empty(ys.size, np.int64)
-    members = np.empty(ys.size, np.int64)
-    for i in range(ys.size):
-        if not enclosed[ys[i], xs[i]]:
-            continue
-        enclosed[ys[i], xs[i]] = False
-        stack[0] = ys[i] * w + xs[i]
-        top = 1
-        count = 0
-        owner = 0
-        single = True
-        while top > 0:
-            top -= 1
-            p = stack[top]
-            members[count] = p
-            count += 1
-            py, px = p // w, p % w
-            for dy in range(-1, 2):
-                for dx in range(-1, 2):
-                    qy, qx = py + dy, px + dx
-                    q = labels[qy, qx]
-                    if q != 0:
-                        if owner == 0:
-                            owner = q
-                        elif owner != q:
-                            single = False
-                    elif enclosed[qy, qx]:
-                        enclosed[qy, qx] = False
-                        stack[top] = qy * w + qx
-                        top += 1
-        if single and owner != 0:
-            for j in range(count):
-                out[members[j] // w, members[j] % w] = owner
+    empty[sy + 1, sx + 1] = 0
+    stack[0] = sy * w + sx
+    top = 1
+    count = 0
+    owner = 0
+    single = True
+    while top > 0:
+        top -= 1
+        p = stack[top]
+        members[count] = p
+        count += 1
+        py, px = p // w, p % w
+        for dy in range(-1, 2):
+            for dx in range(-1, 2):
+                qy, qx = py + dy, px + dx
+                q = labels[qy, qx]
+                if q != 0:
+                    if owner == 0:
+                        owner = q
+                    elif owner != q:
+                        single = False
+                elif empty[qy + 1, qx + 1] == 1:
+                    empty[qy + 1, qx + 1] = 0
+                    stack[top] = qy * w + qx
+                    top += 1
+    if single and owner != 0:
+        for j in range(count):
+            out[members[j] // w, members[j] % w] = owner
 
 
 @numba.njit(cache=_CACHE, nogil=True)
