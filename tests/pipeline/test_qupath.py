@@ -229,3 +229,16 @@ def test_cli_names_the_white_level_a_qupath_protocol_leaves_open(
     args = ["score", slide, "--profile", "ki67", "--qupath", protocol, "--set", "stain.background=255"]
     assert main([*args, "--workers", "1"]) == 0
     assert "stain.background" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("radius", [0.5, 2.5, 8.0, 16.0, 23.0])
+def test_disk_filter_by_rectangles_equals_the_disk_kernel(radius: float) -> None:
+    """The disk as a union of rectangles gives OpenCV's erosion and dilation by the disk itself."""
+    rng = np.random.default_rng(int(radius * 10))
+    image = cv2.GaussianBlur(rng.random((150, 170)).astype(np.float32), (0, 0), 2.0)
+    disk = qupath.imagej_disk(radius)
+    rows = qupath.disk_rectangles(radius)
+    assert rows[0][0] == disk.shape[1] // 2 and rows[-1][1] == disk.shape[0] // 2  # widest row, tallest column
+    for op, reference in ((cv2.MORPH_ERODE, cv2.erode), (cv2.MORPH_DILATE, cv2.dilate)):
+        expected = reference(image, disk, borderType=cv2.BORDER_REPLICATE)
+        assert np.array_equal(qupath.disk_filter(image, radius, op), expected)
