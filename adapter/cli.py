@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from adapter import logs
 from adapter.queue import JobState
-from config.errors import IhcAdapterError
+from config.errors import ConfigError, IhcAdapterError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,14 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
         values["tumour_fraction"] = 0.05
     if args.tumour_classes:
         values["tumour_classes"] = tuple(args.tumour_classes)
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep or key not in SynthSpec.model_fields:
+            raise ConfigError("synth --set", item, f"give FIELD=VALUE with a field of {sorted(SynthSpec.model_fields)}")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text  # a bare word, as --set takes for score
     return SynthSpec(**values)
 
 
@@ -391,6 +399,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--jpeg-quality", type=int, default=90)
     synth.add_argument("--formats", default="dicom,ome,svs", help="comma-separated: dicom,ome,svs")
     synth.add_argument("--workers", type=int, help="render processes (default: up to 2)")
+    synth.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="any generator field (JSON value), e.g. bubbles=3, debris=12, folds=2, overexposed=2, "
+        "pen_strokes=3, blur_patches=2, counterstain_scale=0.5",
+    )
     synth.set_defaults(func=cmd_synth)
 
     score = sub.add_parser("score", help="score a slide with a stain profile")
