@@ -672,3 +672,19 @@ def lookup_sum(rgb: np.ndarray, tables: np.ndarray) -> np.ndarray:
         for x in range(w):
             out[y, x] = tables[0, rgb[y, x, 0]] + tables[1, rgb[y, x, 1]] + tables[2, rgb[y, x, 2]]
     return out
+
+
+@numba.njit(cache=_CACHE, nogil=True)
+def subtract_steps(det: np.ndarray, opened: np.ndarray, step: np.float32, limit: np.float32) -> tuple[np.ndarray, bool]:
+    """``det`` less the background ``opened`` (uint16 steps of ``step`` OD), as float32, in one
+    pass; and whether any background exceeds ``limit``."""
+    h, w = det.shape
+    out = np.empty((h, w), np.float32)
+    over = False
+    for y in range(h):
+        for x in range(w):
+            background = np.float32(opened[y, x]) * step
+            out[y, x] = det[y, x] - background
+            if background > limit:
+                over = True
+    return out, over
