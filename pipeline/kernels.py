@@ -640,24 +640,30 @@ def focus_sums(
     return out
 
 
+@numba.njit(cache=_CACHE, nogil=True, inline="always")
+def _is_grey(r: int, g: int, b: int, residual: np.ndarray, od: float, white: np.ndarray, saturation: float) -> bool:
+    """Whether a pixel is grey: deconvolution residual (``residual[c, v]``: channel ``c`` value
+    ``v``'s share of it) over ``od`` and colour, divided by ``white`` per channel, of saturation
+    (max − min) / max at most ``saturation``."""
+    if residual[0, r] + residual[1, g] + residual[2, b] <= od:
+        return False
+    br, bg, bb = r / white[0], g / white[1], b / white[2]
+    hi = max(br, bg, bb, 1e-3)
+    return 1.0 - min(br, bg, bb) / hi <= saturation
+
+
 @numba.njit(cache=_CACHE, nogil=True)
 def grey_counts(
     rgb: np.ndarray, residual: np.ndarray, od: float, white: np.ndarray, saturation: float, cell: int
 ) -> np.ndarray:
     """Per ``cell``-square cell of ``(h, w, 3)`` uint8 RGB (partial cells included): the number of
-    grey pixels — deconvolution residual (``residual[c, v]``: channel ``c`` value ``v``'s share of
-    it) over ``od`` and colour, divided by ``white`` per channel, of saturation (max − min) / max
-    at most ``saturation``."""
+    grey pixels (:func:`_is_grey`), float32 (exact to cells of 4096²). With ``cell`` 1, each
+    pixel's 0 or 1."""
     h, w = rgb.shape[0], rgb.shape[1]
-    out = np.zeros(((h + cell - 1) // cell, (w + cell - 1) // cell))
+    out = np.zeros(((h + cell - 1) // cell, (w + cell - 1) // cell), np.float32)
     for y in range(h):
         for x in range(w):
-            r, g, b = rgb[y, x, 0], rgb[y, x, 1], rgb[y, x, 2]
-            if residual[0, r] + residual[1, g] + residual[2, b] <= od:
-                continue
-            br, bg, bb = r / white[0], g / white[1], b / white[2]
-            hi = max(br, bg, bb, 1e-3)
-            if 1.0 - min(br, bg, bb) / hi <= saturation:
+            if _is_grey(rgb[y, x, 0], rgb[y, x, 1], rgb[y, x, 2], residual, od, white, saturation):
                 out[y // cell, x // cell] += 1.0
     return out
 

@@ -94,7 +94,7 @@ from scipy import ndimage
 
 from config.settings import QcSettings
 from pipeline import kernels
-from pipeline.stains import Background, StainMatrix, per_channel, residual_od, residual_tables, stain_planes
+from pipeline.stains import Background, StainMatrix, per_channel, residual_tables, stain_planes
 from pipeline.tissue import TissueMask
 
 
@@ -152,7 +152,7 @@ def artefacts_from_rgb(rgb: np.ndarray, tissue: TissueMask, settings: QcSettings
     fold = (h_od > settings.fold_od) & (dab_od > settings.fold_od) & tissue.mask[: rgb.shape[0], : rgb.shape[1]]
     if settings.grey_residual_od > 0:
         # Grey is dust or a bubble's rim, not two layers of stained tissue (the tile checks judge it).
-        fold[grey_pixels(rgb, stains, tuple(glass), settings.grey_residual_od)] = False  # type: ignore[arg-type]
+        fold &= _grey_counts(rgb, 1, stains, tuple(glass), settings.grey_residual_od) == 0  # type: ignore[arg-type]
     edge = np.zeros((h, w), bool)
     if settings.edge_um > 0:
         filled = ndimage.binary_fill_holes(tissue.mask)
@@ -243,29 +243,25 @@ CLIPPED_REACH_PX = 3
 _CLIPPED_REACH = np.ones((2 * CLIPPED_REACH_PX + 1, 2 * CLIPPED_REACH_PX + 1), np.uint8)
 
 
-def grey_pixels(
-    rgb: np.ndarray, stains: StainMatrix, background: Background, od: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and columns of the grey pixels of ``rgb``: deconvolution residual over ``od`` and
-    colour, white-balanced to ``background``, of saturation at most :data:`GREY_SATURATION`."""
-    ys, xs = np.nonzero(residual_od(rgb, stains, background) > od)
-    balanced = rgb[ys, xs].astype(np.float32) / np.asarray(per_channel(background), np.float32)
-    brightest = np.maximum(balanced.max(axis=1, initial=0.0), 1e-3)
-    grey = 1.0 - balanced.min(axis=1, initial=1.0) / brightest <= GREY_SATURATION
-    return ys[grey], xs[grey]
+def _grey_counts(rgb: np.ndarray, cell_px: int, stains: StainMatrix, background: Background, od: float) -> np.ndarray:
+    """Grey pixels (:func:`pipeline.kernels.grey_counts`: deconvolution residual over ``od``,
+    saturation, white-balanced to ``background``, at most :data:`GREY_SATURATION`) per
+    ``cell_px`` square of ``rgb``."""
+    white = per_channel(background)
+    tables = residual_tables(stains, white)
+    rgb = np.ascontiguousarray(rgb)
+    return kernels.grey_counts(rgb, tables, od, np.asarray(white), GREY_SATURATION, cell_px)
 
 
 def grey_cells(small: np.ndarray, cell_px: int, stains: StainMatrix, background: Background, od: float) -> np.ndarray:
     """Per ``cell_px`` square of ``small`` (a region at half the analysis resolution; partial cells
     at the edges included): the share of its pixels that are grey — their deconvolution residual
-    (:func:`pipeline.stains.residual_od`) over ``od`` and their colour, against the glass, of
+    (:func:`pipeline.stains.residual_tables`) over ``od`` and their colour, against the glass, of
     saturation at most :data:`GREY_SATURATION`. A bubble's rim refracts the light away in every
     colour alike, and dust absorbs it so; the stains, each and mixed, leave no residual; marker
     ink and the purple of an H&E stain leave some, but are far from grey."""
     h, w = small.shape[:2]
-    white = per_channel(background)
-    tables = residual_tables(stains, white)
-    counts = kernels.grey_counts(np.ascontiguousarray(small), tables, od, np.asarray(white), GREY_SATURATION, cell_px)
+    counts = _grey_counts(small, cell_px, stains, background, od)
     return (counts / _block_sums(np.ones((h, w), np.float32), cell_px)).astype(np.float32)
 
 

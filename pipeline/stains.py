@@ -83,18 +83,12 @@ def deconvolve(rgb: np.ndarray, stains: StainMatrix, background: Background = 25
 
 @lru_cache(maxsize=16)
 def residual_tables(stains: StainMatrix, background: tuple[float, float, float]) -> np.ndarray:
-    """``tables[c, v]``: channel ``c`` value ``v``'s share of the deconvolution residual
-    (:func:`residual_od` is the sum of one lookup per channel), float32 ``(3, 256)``."""
+    """``tables[c, v]``: channel ``c`` value ``v``'s share of the deconvolution residual (the third
+    plane of :func:`deconvolve`, the sum of one lookup per channel: OD that no mix of the two
+    stains explains — grey, for one, which darkens all three channels alike), float32 ``(3, 256)``."""
     inverse = np.linalg.inv(stains.matrix())
     lut = _od_lut(background)[0].astype(np.float64)  # (256, 3)
     return np.ascontiguousarray((lut * inverse[:, 2]).T, dtype=np.float32)
-
-
-def residual_od(rgb: np.ndarray, stains: StainMatrix, background: Background = 255.0) -> np.ndarray:
-    """The residual (third) plane of :func:`deconvolve` alone, float32 ``(h, w)``: OD that no mix of
-    the two stains explains — grey, for one, which darkens all three channels alike."""
-    tables = residual_tables(stains, per_channel(background))
-    return kernels.lookup_sum(np.ascontiguousarray(rgb, dtype=np.uint8), tables)
 
 
 def od_sum(rgb: np.ndarray, background: Background = 255.0) -> np.ndarray:
