@@ -185,18 +185,17 @@ def generate(
     np.savez_compressed(truth_dir / "cells.npz", **table)  # type: ignore[arg-type]
     labels = model.truth_labels()
     Image.fromarray(labels).save(truth_dir / "compartments.png")
-    if spec.pen_strokes:
-        Image.fromarray(model.truth_ink().astype(np.uint8) * 255).save(truth_dir / "ink.png")
-    if spec.blur_patches:
-        Image.fromarray(model.truth_blur().astype(np.uint8) * 255).save(truth_dir / "blur.png")
-    if spec.folds:
-        Image.fromarray(model.truth_fold().astype(np.uint8) * 255).save(truth_dir / "fold.png")
-    if spec.bubbles:
-        Image.fromarray(model.truth_bubble().astype(np.uint8) * 255).save(truth_dir / "bubble.png")
-    if spec.overexposed:
-        Image.fromarray(model.truth_overexposed().astype(np.uint8) * 255).save(truth_dir / "overexposed.png")
-    if spec.debris:
-        Image.fromarray(model.truth_debris().astype(np.uint8) * 255).save(truth_dir / "debris.png")
+    artefacts = (
+        (spec.pen_strokes, "ink", model.truth_ink),
+        (spec.blur_patches, "blur", model.truth_blur),
+        (spec.folds, "fold", model.truth_fold),
+        (spec.bubbles, "bubble", model.truth_bubble),
+        (spec.overexposed, "overexposed", model.truth_overexposed),
+        (spec.debris, "debris", model.truth_debris),
+    )
+    for count, name, truth_mask in artefacts:
+        if count:
+            Image.fromarray(truth_mask().astype(np.uint8) * 255).save(truth_dir / f"{name}.png")
     truth = {
         "spec": spec.model_dump(),
         "truth_step_px": model.truth_step_px,

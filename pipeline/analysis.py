@@ -305,7 +305,7 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
         "floor": (
             floor_blocks(h_od[core_sl], dab_od[core_sl], cx[own], cy[own], cells["nucleus_area_um2"], mpp, s.qc)
             if s.qc.enabled and s.qc.fold_floor_ratio > 0
-            else np.zeros((3, 0, 0))
+            else np.zeros((3, 0, 0))  # (the opt-in fold-floor check reads the stain planes and cells)
         ),
         "timings": {"deconvolution": t2 - t1, "cells": t3 - t2, "measure": t4 - t3},
     }

@@ -417,6 +417,12 @@ def block_mask(
     return big[pieces]
 
 
+def fold_block_px(settings: QcSettings, mpp: float) -> int:
+    """Side of a :func:`floor_blocks` block (``qc.fold_block_um``) in pixels at ``mpp``: a whole
+    number of half-resolution pixels."""
+    return FOCUS_STEP * max(1, round(settings.fold_block_um / (FOCUS_STEP * mpp)))
+
+
 def floor_blocks(
     h_od: np.ndarray,
     dab_od: np.ndarray,
@@ -437,7 +443,8 @@ def floor_blocks(
     square = np.ones((window, window), np.uint8)
     small_h, small_dab = half_resolution(h_od), half_resolution(dab_od)
     tissue = (small_h + small_dab > GLASS_H_OD).astype(np.float32)
-    block = max(1, round(settings.fold_block_um / (FOCUS_STEP * mpp)))
+    side = fold_block_px(settings, mpp)
+    block = side // FOCUS_STEP
     n = _block_sums(tissue, block)
     floors = []
     for small in (small_h, small_dab):
@@ -445,7 +452,6 @@ def floor_blocks(
         with np.errstate(invalid="ignore", divide="ignore"):
             floors.append(np.where(n >= block * block / 3.0, _block_sums(floor * tissue, block) / n, np.nan))
     rows, cols = floors[0].shape
-    side = block * FOCUS_STEP
     index = np.clip(cells_y_px // side, 0, rows - 1) * cols + np.clip(cells_x_px // side, 0, cols - 1)
     covered = np.bincount(index.astype(np.int64), weights=nucleus_area_um2, minlength=rows * cols)
     return np.stack([*floors, covered.reshape(rows, cols) / (side * mpp) ** 2])
@@ -502,8 +508,7 @@ def fold_floor_mask(
                 & (floor >= settings.fold_floor_ratio * ref)
                 & (dab - ref_dab <= excess)
             )
-    block = FOCUS_STEP * max(1, round(settings.fold_block_um / (FOCUS_STEP * mpp)))
-    paste_blocks(found, regions, [m[0] for m in measures], flags, block, mpp, tissue.mpp)
+    paste_blocks(found, regions, [m[0] for m in measures], flags, fold_block_px(settings, mpp), mpp, tissue.mpp)
     # A fold is one sheet: blocks inside it that missed the ratio (a nucleus-free gap) are in it.
     found = ndimage.binary_fill_holes(found) & tissue.mask
     _, pieces, stats, _ = cv2.connectedComponentsWithStats(found.astype(np.uint8), connectivity=8)
