@@ -95,7 +95,29 @@ def builtin_segmentation(
 ) -> CompartmentMap:
     """Tumour where tissue is crowded with large nuclei (see module docstring)."""
     h, w = tissue.mask.shape
-    tumour_grid = crowded_grid(x_um, y_um, nucleus_area_um2, tissue, settings)
+    grid = settings.grid_um
+    gw = max(1, int(np.ceil(w * tissue.mpp / grid)))
+    gh = max(1, int(np.ceil(h * tissue.mpp / grid)))
+    gx = np.clip((x_um / grid).astype(np.int64), 0, gw - 1)
+    gy = np.clip((y_um / grid).astype(np.int64), 0, gh - 1)
+    counts = np.bincount(gy * gw + gx, minlength=gw * gh).reshape(gh, gw).astype(np.float64)
+    area_sum = np.bincount(gy * gw + gx, weights=nucleus_area_um2, minlength=gw * gh).reshape(gh, gw)
+    # Tissue fraction of each grid cell, so density is per mm² of tissue, not of glass.
+    zoom = (gh / h, gw / w)
+    tissue_frac = ndimage.zoom(tissue.mask.astype(np.float64), zoom, order=1, grid_mode=True, mode="nearest")
+    tissue_frac = _fit(tissue_frac, (gh, gw))
+    sigma = settings.smooth_um / grid
+    if sigma > 0:
+        counts = ndimage.gaussian_filter(counts, sigma)
+        area_sum = ndimage.gaussian_filter(area_sum, sigma)
+        tissue_frac = ndimage.gaussian_filter(tissue_frac, sigma)
+    cell_mm2 = (grid / 1000.0) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        nuclear_fraction = area_sum / (np.maximum(tissue_frac, 1e-3) * cell_mm2 * 1e6)
+        mean_area = np.where(counts > 1e-6, area_sum / counts, 0.0)
+    tumour_grid = (nuclear_fraction >= settings.tumour_nuclear_fraction) & (
+        mean_area >= settings.tumour_min_nucleus_um2
+    )
     # Up to the map's resolution, an integer refinement of the tissue mask's
     # (bilinear on the 0/255 score keeps edges smooth; the mask is replicated).
     f = max(1, round(tissue.mpp / settings.map_um))
@@ -120,43 +142,6 @@ def builtin_segmentation(
     np.multiply(labels, np.uint8(STROMA), out=labels)  # FAT_BACKGROUND is 0
     np.copyto(labels, np.uint8(TUMOUR), where=tumour.view(bool))
     return CompartmentMap(labels=labels, mpp=mpp, method="builtin")
-
-
-def crowded_grid(
-    x_um: np.ndarray,
-    y_um: np.ndarray,
-    nucleus_area_um2: np.ndarray,
-    tissue: TissueMask,
-    settings: SegmentationSettings,
-) -> np.ndarray:
-    """The built-in rule's tumour call on its coarse grid (``grid_um`` squares from the slide's
-    origin): where nuclei cover at least ``tumour_nuclear_fraction`` of the tissue and their mean
-    area reaches ``tumour_min_nucleus_um2``, after smoothing by ``smooth_um``."""
-    h, w = tissue.mask.shape
-    grid = settings.grid_um
-    gw = max(1, int(np.ceil(w * tissue.mpp / grid)))
-    gh = max(1, int(np.ceil(h * tissue.mpp / grid)))
-    gx = np.clip((x_um / grid).astype(np.int64), 0, gw - 1)
-    gy = np.clip((y_um / grid).astype(np.int64), 0, gh - 1)
-    counts = np.bincount(gy * gw + gx, minlength=gw * gh).reshape(gh, gw).astype(np.float64)
-    area_sum = np.bincount(gy * gw + gx, weights=nucleus_area_um2, minlength=gw * gh).reshape(gh, gw)
-    # Tissue fraction of each grid cell, so density is per mm² of tissue, not of glass.
-    zoom = (gh / h, gw / w)
-    tissue_frac = ndimage.zoom(tissue.mask.astype(np.float64), zoom, order=1, grid_mode=True, mode="nearest")
-    tissue_frac = _fit(tissue_frac, (gh, gw))
-    sigma = settings.smooth_um / grid
-    if sigma > 0:
-        counts = ndimage.gaussian_filter(counts, sigma)
-        area_sum = ndimage.gaussian_filter(area_sum, sigma)
-        tissue_frac = ndimage.gaussian_filter(tissue_frac, sigma)
-    cell_mm2 = (grid / 1000.0) ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        nuclear_fraction = area_sum / (np.maximum(tissue_frac, 1e-3) * cell_mm2 * 1e6)
-        mean_area = np.where(counts > 1e-6, area_sum / counts, 0.0)
-    tumour_grid = (nuclear_fraction >= settings.tumour_nuclear_fraction) & (
-        mean_area >= settings.tumour_min_nucleus_um2
-    )
-    return tumour_grid
 
 
 def _refine_to_nuclei(
