@@ -77,6 +77,7 @@ from pipeline.stains import (
     StainMatrix,
     estimate_dominant,
     estimate_macenko,
+    od_sum,
     rgb_to_od,
     stain_planes,
 )
@@ -279,10 +280,10 @@ def score_region(ctx: _TileContext, pixels: np.ndarray, core: tuple[int, int, in
     x, y, w, h = core
     t1 = time.perf_counter()
     h_od, dab_od = stain_planes(pixels, ctx.stains, ctx.background)
-    od_sum = rgb_to_od(pixels, ctx.background).sum(axis=-1) if s.nuclei.detection_image == "od_sum" else h_od
+    od = od_sum(pixels, ctx.background) if s.nuclei.detection_image == "od_sum" else h_od
     t2 = time.perf_counter()
     prob = ctx.nucleus_model.probability(pixels, ctx.background) if ctx.nucleus_model is not None else None
-    tc = detect_cells(h_od, dab_od, od_sum, mpp, s.nuclei, s.intensity, prob)
+    tc = detect_cells(h_od, dab_od, od, mpp, s.nuclei, s.intensity, prob)
     t3 = time.perf_counter()
     table = tc.table
     cx, cy = table["x"] - margin, table["y"] - margin
